@@ -1,0 +1,144 @@
+"""Run directory layout and metadata capture.
+
+``runs/<name>/``: config.resolved.yaml, command.txt, env.json, data_manifest.json, attribution/, layer_map.json,
+semantic_map/, checkpoints/, student/ (merged HF model), metrics.jsonl, summary.json, results.json, report.md,
+plots/. Everything is written atomically (temp + rename); a crashed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SemalignError
+from .paths import atomic_write_json, atomic_write_text
+
+PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "numpy", "pydantic",
+            "gguf", "matplotlib", "captum")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("semalign",) + PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def env_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "packages": package_versions(),
+        "git_revision": git_revision(),
+        "hf_offline": os.environ.get("HF_HUB_OFFLINE"),
+    }
+    return info
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    # paths -------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def student_dir(self) -> Path:
+        return self.path("student")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path("checkpoints")
+
+    # lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
+        root = Path(root)
+        if root.exists() and any(root.iterdir()) and not (resume or overwrite):
+            raise SemalignError(
+                f"output directory {root} already exists; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --output"
+            )
+        if root.exists() and overwrite and not resume:
+            import shutil
+
+            shutil.rmtree(root)
+        if resume and not root.exists():
+            raise SemalignError(f"cannot --resume: {root} does not exist; drop --resume to start a new run")
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        p = self.path(name)
+        atomic_write_json(p, obj)
+        return p
+
+    def write_text(self, name: str, text: str) -> Path:
+        p = self.path(name)
+        atomic_write_text(p, text)
+        return p
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text())
+
+    def write_command(self, argv: list[str] | None = None) -> None:
+        argv = argv if argv is not None else sys.argv
+        self.write_text("command.txt", " ".join(shlex.quote(a) for a in argv) + "\n")
+
+    def log_metrics(self, record: dict) -> None:
+        """Append one JSON line to metrics.jsonl (flushed, so an interrupted run keeps its history)."""
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def metrics(self) -> list[dict]:
+        p = self.path("metrics.jsonl")
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().split("\n") if line.strip()]
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines of steps after ``after_step`` (used when resuming from a checkpoint)."""
+        keep = [m for m in self.metrics() if m.get("step") is None or m["step"] <= after_step]
+        atomic_write_text(self.path("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in keep))

@@ -1,0 +1,135 @@
+"""Pieces shared by the v1 recipe and the frontier schedule: attribution, trainables, teacher targets."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+from ...attribution.layers import LayerScores, attribute_layers
+from ...data.prompts import batches
+from ...errors import SemalignError
+from ...models.arch import Internals
+from ...models.hooks import capture_layers, run_until
+from ...paths import cache_dir
+from ...pairing import LayerPair
+from ..base import TransferContext
+from .bases import SemanticMap, build_semantic_map
+
+log = logging.getLogger(__name__)
+
+
+def autocast(ctx: TransferContext):
+    """bf16/fp16 autocast for student compute (fp32 master weights), or a no-op for fp32."""
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.config.dtype)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=dt)
+
+
+def teacher_attribution(ctx: TransferContext) -> LayerScores:
+    """Grad x Act of all teacher layers on the extract split (cached in the run dir for --resume)."""
+    path = ctx.run.path("attribution", "teacher.json")
+    if path.is_file():
+        return LayerScores.load(path)
+    ex = ctx.splits.extract[: ctx.config.attribution_examples or len(ctx.splits.extract)]
+    bs = batches(ctx.tokenizer, ex, 1, max_length=ctx.config.max_length, train_on_inputs=ctx.task.train_on_inputs)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as prog:
+        t = prog.add_task(f"attribution ({len(bs)} examples)", total=len(bs))
+        scores = attribute_layers(ctx.t_arch, bs, aggregate=ctx.config.semalign.aggregate,
+                                  progress=lambda: prog.advance(t))
+    scores.model = ctx.config.teacher
+    scores.save(path)
+    return scores
+
+
+def semantic_map(ctx: TransferContext, t_tok) -> SemanticMap:
+    d = ctx.run.path("semantic_map")
+    if (d / "M.safetensors").is_file():
+        return SemanticMap.load(d)
+    c = ctx.config.semalign
+    sm = build_semantic_map(ctx.t_arch, ctx.s_arch, t_tok, ctx.tokenizer, rcond=c.rcond,
+                            fold_final_norm=c.fold_final_norm, cache_root=cache_dir() / "semantic_maps")
+    sm.save(d)
+    return sm
+
+
+def lora_targets(ctx: TransferContext) -> list[str]:
+    names = [n.strip() for n in ctx.config.semalign.lora_targets.split(",") if n.strip()]
+    bad = [n for n in names if n not in ctx.s_arch.projection_names]
+    if bad or not names:
+        raise SemalignError(f"--semalign-lora-targets: unknown projection(s) {bad or names}; "
+                            f"choose from {', '.join(ctx.s_arch.projection_names)}")
+    return names
+
+
+def make_trainable(ctx: TransferContext, layers: list[int]) -> torch.nn.Module:
+    """Freeze the student except the given layers: LoRA (default) or the full layers. Returns the model to train."""
+    model = ctx.student
+    for p in model.parameters():
+        p.requires_grad_(False)
+    c = ctx.config.semalign
+    if c.trainable == "full":
+        for k in layers:
+            for p in ctx.s_arch.layer(k).parameters():
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = [ctx.s_arch.projection_path(k, n) for k in layers for n in lora_targets(ctx)]
+    cfg = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=targets,
+                     bias="none")
+    peft_model = get_peft_model(model, cfg)
+    for n, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 master copies of the adapters
+    return peft_model
+
+
+def teacher_targets(ctx: TransferContext, batch: dict, pairs: list[LayerPair], smap: SemanticMap,
+                    interface: str) -> dict[int, torch.Tensor]:
+    """Aligned targets M h_T/|h_T| (student space, float32) for each pair's student layer."""
+    needed = sorted({l for p in pairs for l in p.teacher_layers_needed()})
+    with torch.no_grad(), capture_layers(ctx.t_arch, needed, mlp=interface == "mlp_output", detach=True) as cap:
+        run_until(ctx.t_arch, max(needed), input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = {}
+        for p in pairs:
+            if p.interpolation:
+                lam = p.interpolation["lambda"]
+                h = ((1 - lam) * cap.interface(p.interpolation["a"], interface).float()
+                     + lam * cap.interface(p.interpolation["b"], interface).float())
+            else:
+                h = cap.interface(p.teacher_layer, interface)
+            out[p.student_layer] = smap.apply(h)
+    return out
+
+
+def save_layer_map_plot(path: Path, lm) -> None:
+    """Small diagram of teacher/student depths and the supervised pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    L_T, L_S = lm.teacher_layers, lm.student_layers
+    ax.scatter(range(1, L_T + 1), [1] * L_T, s=18, c="tab:blue", label="teacher layers")
+    ax.scatter([k * L_T / L_S for k in range(1, L_S + 1)], [0] * L_S, s=18, c="tab:orange", label="student layers")
+    from ...pairing import depth_map
+
+    for k in range(1, L_S + 1):
+        ax.plot([depth_map(k, L_T, L_S), k * L_T / L_S], [1, 0], c="0.85", lw=0.8, zorder=0)
+    for p in lm.pairs:
+        ax.plot([p.teacher_layer, p.student_layer * L_T / L_S], [1, 0], c="tab:red", lw=2)
+    ax.set_yticks([0, 1], ["student", "teacher"])
+    ax.set_xlabel("teacher depth (student layers placed at k*L_T/L_S)")
+    ax.set_title(f"layer map ({lm.strategy}); red = supervised pairs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

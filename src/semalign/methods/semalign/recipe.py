@@ -1,0 +1,159 @@
+"""SemAlign v1 (arXiv 2510.24208v1), exactly as specified (spec semalign.md §2, defaults §8).
+
+prepare: Grad x Act attribution of all teacher layers on the extract split (one backward per example) ->
+top-k critical layers -> k-dagger pairing (optional interpolation) -> closed-form semantic map M (cached).
+fit: Table-4 schedule — ``steps`` optimiser steps, each on P = 16 examples (1 extract + 15 align),
+AdamW (wd 0.05, betas 0.9/0.95) with OneCycle at lr 3e-5, loss = (1 - cos) at the paired layers'
+interface + (1 - cos(z, one-hot y)); only the paired student layer(s) train (LoRA r=16 on up/down/v/o by
+default). export: LoRA merged into a stock HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+
+from ...artifacts import peak_rss_mb
+from ...data.prompts import collate, pad_id_of, render_example
+from ...pairing import LayerMap, critical_pairs
+from ...training.loop import (check_finite, check_finite_grads, config_hash, load_checkpoint, make_optimizer,
+                              make_scheduler, save_checkpoint)
+from ..base import METHODS, TransferContext, TransferMethod
+from .common import (autocast, make_trainable, save_layer_map_plot, semantic_map, teacher_attribution,
+                     teacher_targets)
+from .losses import LAYER_LOSSES, OUTPUT_LOSSES
+
+log = logging.getLogger(__name__)
+
+
+def step_examples(ctx: TransferContext, step: int, rng: random.Random) -> list[dict]:
+    """LaTen/SemAlign sampling: extract example ``step mod n`` + (P-1) align examples drawn without replacement."""
+    ext, align = ctx.splits.extract, ctx.splits.align
+    p = ctx.config.batch_size
+    first = [ext[step % len(ext)]]
+    pool = align if align else ext
+    k = min(p - 1, len(pool))
+    return first + rng.sample(pool, k)
+
+
+def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs_by_stage, smap, *,
+                        layer_loss: str, output_loss: str, steps: int, label: str, step_offset: int = 0,
+                        extra_loss_kwargs: dict | None = None, output_weight: float | None = None) -> None:
+    """Shared optimisation loop (v1 and every frontier stage): resumable, logged, non-finite guarded."""
+    c = ctx.config
+    sc = c.semalign
+    interface = sc.interface
+    pairs = pairs_by_stage
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, lr=c.lr, weight_decay=c.weight_decay)
+    sched = make_scheduler(opt, c.scheduler, steps, c.lr)
+    chash = config_hash({"cfg": c.model_dump(mode="json"), "stage": label})
+    ckpt = ctx.run.checkpoint_dir / label
+    start = 0
+    if ctx.resume and (ckpt / "trainer_state.json").is_file():
+        start, _ = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, cfg_hash=chash)
+        ctx.run.truncate_metrics(step_offset + start)
+        log.info("%s: resumed after step %d", label, start)
+    rng = random.Random(c.seed + step_offset)
+    for s in range(start):  # replay the data cursor so resumed runs see the same batches
+        step_examples(ctx, s, rng)
+    lfn, ofn = LAYER_LOSSES.get(layer_loss), OUTPUT_LOSSES.get(output_loss)
+    ow = sc.output_weight if output_weight is None else output_weight
+    pad = pad_id_of(ctx.tokenizer)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        examples = step_examples(ctx, step, rng)
+        rendered = [render_example(ctx.tokenizer, e, max_length=c.max_length, train_on_inputs=ctx.task.train_on_inputs)
+                    for e in examples]
+        n_micro = (len(rendered) + c.micro_batch - 1) // c.micro_batch
+        totals = {"loss": 0.0, "layer_loss": 0.0, "output_loss": 0.0}
+        per_layer: dict[int, float] = {}
+        tokens = 0
+        model.train()
+        for i in range(0, len(rendered), c.micro_batch):
+            b = {k: v.to(ctx.device) for k, v in collate(rendered[i:i + c.micro_batch], pad).items()}
+            tokens += int(b["attention_mask"].sum())
+            targets = teacher_targets(ctx, b, pairs, smap, interface)
+            need_teacher_logits = output_loss == "kl_source" and ow > 0
+            t_logits = None
+            if need_teacher_logits:
+                with torch.no_grad():
+                    t_logits = ctx.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            from ...models.hooks import capture_layers
+
+            with autocast(ctx), capture_layers(ctx.s_arch, [p.student_layer for p in pairs],
+                                               mlp=interface == "mlp_output") as cap:
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            if sc.layer_positions == "response":
+                lab = b["labels"]
+                mask = torch.zeros_like(lab, dtype=torch.bool)
+                mask[:, :-1] = lab[:, 1:] != -100
+            else:
+                mask = b["attention_mask"].bool()
+            layer_terms = []
+            for p in pairs:
+                h = cap.interface(p.student_layer, interface)
+                term = lfn(h, targets[p.student_layer], mask, **(extra_loss_kwargs or {}))
+                layer_terms.append(term)
+                per_layer[p.student_layer] = per_layer.get(p.student_layer, 0.0) + float(term.detach()) / n_micro
+            l_layer = torch.stack(layer_terms).mean()
+            l_out = ofn(out.logits, b["labels"], teacher_logits=t_logits, tau=c.frontier.tau)
+            loss = sc.layer_weight * l_layer + ow * l_out
+            check_finite(loss, step + 1)
+            (loss / n_micro).backward()
+            totals["loss"] += float(loss.detach()) / n_micro
+            totals["layer_loss"] += float(l_layer.detach()) / n_micro
+            totals["output_loss"] += float(l_out.detach()) / n_micro
+        check_finite_grads(params, step + 1)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        rec = {"stage": label, "step": step_offset + step + 1, **{k: round(v, 6) for k, v in totals.items()},
+               "layer_loss_per_pair": {str(k): round(v, 6) for k, v in per_layer.items()}, "lr": lr,
+               "grad_norm": gnorm, "examples": len(examples), "tokens": tokens, "step_seconds": round(dt, 3),
+               "tokens_per_second": round(tokens / dt, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        ctx.run.log_metrics(rec)
+        log.info("%s step %d/%d loss %.4f (layer %.4f, out %.4f) %.1fs", label, step + 1, steps, totals["loss"],
+                 totals["layer_loss"], totals["output_loss"], dt)
+        save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, cfg_hash=chash)
+
+
+@METHODS.register("semalign", help="SemAlign v1: attribution-paired layer alignment via semantic bases")
+class SemAlignV1(TransferMethod):
+    name = "semalign"
+    paper = "arXiv 2510.24208v1 (Gu et al., Beyond Neural Incompatibility: latent semantic alignment)"
+    summary_line = "activations: critical teacher layer -> paired student layer via pinv(LM head) bases"
+
+    def prepare(self, ctx: TransferContext) -> None:
+        c = ctx.config.semalign
+        scores = teacher_attribution(ctx)
+        lm_path = ctx.run.path("layer_map.json")
+        if lm_path.is_file():
+            lm = LayerMap.from_json(ctx.run.read_json("layer_map.json"))
+        else:
+            lm = critical_pairs(scores.scores, ctx.s_arch.num_layers, top_k=c.top_k_layers,
+                                depth_exact=c.depth_exact, interface=c.interface)
+            ctx.run.write_json("layer_map.json", lm.to_json())
+        save_layer_map_plot(ctx.run.path("plots", "layer_map.png"), lm)
+        t0 = time.perf_counter()
+        smap = semantic_map(ctx, ctx.teacher_tokenizer or ctx.tokenizer)
+        ctx.summary["semantic_map"] = {**smap.meta, "seconds": round(time.perf_counter() - t0, 2)}
+        ctx.state.update(layer_map=lm, smap=smap, scores=scores)
+        ctx.summary["layer_map"] = lm.describe()
+        log.info("layer map: %s", lm.describe())
+
+    def fit(self, ctx: TransferContext) -> None:
+        lm: LayerMap = ctx.state["layer_map"]
+        model = make_trainable(ctx, [p.student_layer for p in lm.pairs])
+        ctx.state["train_model"] = model
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ctx.summary["trainable_parameters"] = n_train
+        run_alignment_steps(ctx, model, lm.pairs, ctx.state["smap"], layer_loss="cosine", output_loss="cos_label",
+                            steps=ctx.steps, label="v1")
+        ctx.student = model

@@ -1,0 +1,143 @@
+"""Shared training utilities: optimiser, LR schedule, data cursor, non-finite guard, resumable checkpoints.
+
+Checkpoints hold only what is needed to continue bit-for-bit: the trainable tensors, optimiser and scheduler
+state, the step, RNG states and a config hash. They are written atomically under ``checkpoints/last/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..errors import NonFiniteLossError, SemalignError
+from ..paths import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float = 0.05,
+                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
+    params = list(params)
+    if not params:
+        raise SemalignError("no trainable parameters were selected; check the layer map / LoRA target modules")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, kind: str, total_steps: int, lr: float):
+    """``onecycle`` (LaTen's choice), ``cosine`` (with 10% warm-up) or ``constant``."""
+    total_steps = max(1, int(total_steps))
+    if kind == "onecycle":
+        if total_steps < 2:
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+    if kind == "cosine":
+        warm = max(1, total_steps // 10)
+
+        def f(s: int) -> float:
+            if s < warm:
+                return (s + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total_steps - warm))))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, f)
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    raise SemalignError(f"unknown scheduler {kind!r}; choose onecycle, cosine or constant")
+
+
+def check_finite(value: torch.Tensor | float, step: int, what: str = "loss") -> None:
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(v):
+        raise NonFiniteLossError(
+            f"non-finite {what} ({v}) at step {step}; training stopped and the last good state was kept — "
+            "lower --lr, use --dtype fp32, or check the data"
+        )
+
+
+def check_finite_grads(params: Iterable[torch.nn.Parameter], step: int) -> None:
+    for p in params:
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise NonFiniteLossError(
+                f"non-finite gradient at step {step}; training stopped and the last good state was kept — "
+                "lower --lr or use --dtype fp32"
+            )
+
+
+def config_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer, scheduler, step: int,
+                    cfg_hash: str, extra: dict | None = None) -> None:
+    """Atomically write ``directory`` (replacing it) with the trainable state needed to resume."""
+    trainables = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
+    with atomic_dir(Path(directory)) as tmp:
+        torch.save({
+            "trainables": trainables,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "extra": extra or {},
+        }, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config_hash": cfg_hash}, indent=2))
+
+
+def load_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer, scheduler, cfg_hash: str) -> tuple[int, dict]:
+    """Restore state written by :func:`save_checkpoint`; returns (step, extra)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "trainer_state.json").read_text())
+    if meta["config_hash"] != cfg_hash:
+        raise SemalignError(
+            f"cannot resume from {directory}: it was written with a different configuration; "
+            "rerun with the original flags or use --overwrite"
+        )
+    state = torch.load(directory / "state.pt", weights_only=False)
+    params = dict(trainable_parameters(model))
+    missing = set(state["trainables"]) ^ set(params)
+    if missing:
+        raise SemalignError(f"cannot resume from {directory}: trainable parameters differ ({sorted(missing)[:3]} ...)")
+    with torch.no_grad():
+        for n, t in state["trainables"].items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(meta["step"]), state.get("extra", {})
+
+
+def gold_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict:
+    """Mean per-token NLL of the gold answer tokens (labels != -100) over ``batches``."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            lg = logits[:, :-1].float()
+            lab = b["labels"][:, 1:]
+            mask = lab != -100
+            nll = torch.nn.functional.cross_entropy(lg[mask], lab[mask], reduction="sum")
+            total += float(nll)
+            count += int(mask.sum())
+    return {"nll": total / max(1, count), "tokens": count}
