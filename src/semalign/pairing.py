@@ -95,7 +95,8 @@ def critical_pairs(scores: list[float], L_S: int, *, top_k: int = 1, depth_exact
                    interface: str = "residual") -> LayerMap:
     """SemAlign v1: top-k teacher layers by score, each paired through k-dagger (§2.3, §8.2-8.3).
 
-    If two critical layers land on the same k-dagger, the higher-scoring one is kept.
+    The top-k teacher layers by score are the critical layers; if two land on the same k-dagger, the
+    higher-scoring one is kept (so fewer than k pairs may result; spec §8.2).
     """
     L_T = len(scores)
     if top_k < 1:
@@ -103,9 +104,7 @@ def critical_pairs(scores: list[float], L_S: int, *, top_k: int = 1, depth_exact
     order = sorted(range(1, L_T + 1), key=lambda l: (-scores[l - 1], l))
     lm = LayerMap(L_T, L_S, "v1-critical-kdagger", interface)
     used: set[int] = set()
-    for crit in order:
-        if len(lm.pairs) >= min(top_k, L_S):
-            break
+    for crit in order[:top_k]:
         k = k_dagger(crit, L_T, L_S)
         if k in used:
             lm.notes.append(f"critical T{crit} maps to S{k} already paired with a higher-scoring layer; skipped")

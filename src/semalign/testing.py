@@ -31,7 +31,7 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 384):
+def tiny_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None):
     """A deterministic byte-level BPE ``PreTrainedTokenizerFast`` with ChatML specials and template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -45,7 +45,7 @@ def tiny_tokenizer(vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((corpus or _CORPUS) * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
