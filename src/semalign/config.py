@@ -53,32 +53,52 @@ class FrontierConfig(Section):
     output_loss: Literal["cos_label", "kl_source"] = "kl_source"
     beta: float = Field(1.0, ge=0, description="weight of the output term")
     tau: float = Field(1.0, gt=0, description="temperature of fisher_logits / kl_source")
-    kl_every_stage: bool = True
+    kl_every_stage: bool = Field(True, description="apply the output term at every stage (else only the last)")
     fisher_variant: Literal["exact", "diagonal"] = "exact"
+    interface: Literal["auto", "residual", "block_output", "mlp_output"] = Field(
+        "auto", description="auto: residual for cosine/relgeom, block output (hidden state) for fisher_logits")
+    trainable: Literal["lora", "full"] = Field("lora", description="per-stage LoRA on the frontier layer or the full layer")
+
+
+_POST_TARGETS = "up_proj,down_proj,v_proj,o_proj"
 
 
 class SeekingConfig(Section):
     """Seeking (PostPKT, arXiv 2310.11451): sensitivity extraction, SVD LoRA init, LoRA fine-tuning."""
 
-    rank: int = Field(16, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
+    rank: int = Field(16, ge=1, description="LoRA rank r of the SVD initialisation")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    seed_examples: int = Field(32, ge=1, description="examples for sensitivity accumulation")
-    seed_source: Literal["gold", "teacher"] = "gold"
+    targets: str = Field(_POST_TARGETS, description="comma-separated matrices to extract + LoRA-tune: projections, "
+                         "lm_head, embed_tokens, or 'all' (the Seeking paper's 7 projections + embed + lm_head); "
+                         "default = NI's protocol (up, down, v, o)")
+    seed_examples: int = Field(32, ge=1, description="train examples for sensitivity accumulation")
+    seed_source: Literal["gold", "teacher"] = Field("gold", description="seed answers: gold or teacher greedy")
+    seed_max_new_tokens: int = Field(128, ge=1, description="answer length when seed_source=teacher")
+    window: Literal["independent", "head_aligned"] = Field(
+        "independent", description="independent max-sensitivity window per matrix (faithful), or head_aligned "
+        "offsets for q/k/v rows and o columns (needs equal head_dim)")
+    layer_norms: bool = Field(True, description="include norm weights in the layer sensitivity sums (faithful)")
     lr: float = Field(3e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
+    epochs: float = Field(1.0, gt=0, description="passes over the train split (ignored when --steps is given)")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
 
 
 class LatenConfig(Section):
     """LaTen (PrePKT, arXiv 2505.14436): neuron attribution + translator hypernetwork, one injection."""
 
     transfer_rate: float = Field(0.1, description="fraction of neurons per layer, in (0, 1]")
-    lr: float = Field(1e-5, gt=0)
+    modules: str = Field("up_proj,down_proj,o_proj", description="modules to transfer (subset of up_proj, "
+                         "down_proj, v_proj, o_proj); v_proj is off by default (GQA, spec §6.8)")
+    lr: float = Field(3e-5, gt=0, description="translator learning rate (OneCycle peak)")
     weight_decay: float = Field(0.05, ge=0)
-    samples_per_step: int = Field(16, ge=1, description="P examples per alignment step")
-    steps: int = Field(4, ge=1)
-    norm_penalty: float = Field(1.0, ge=0)
+    samples_per_step: int = Field(16, ge=1, description="P examples per alignment step (1 extract + P-1 align)")
+    norm_penalty: float = Field(1000.0, ge=0, description="weight of mean(translated^2) per module (official: 1000)")
+    init_std: float = Field(1e-5, gt=0, description="std of the translator's N(0, std) initialisation")
+    translator_hidden: Optional[int] = Field(None, ge=1, description="translator hidden width (default: teacher hidden)")
+    locate_examples: int = Field(1, ge=1, description="train examples whose attribution picks the injected "
+                                 "neurons at inference (official: 1; more averages the scores)")
     original_scaling: bool = Field(False, description="reproduce the official code's attribution scaling bug")
 
     @field_validator("transfer_rate")
@@ -90,23 +110,32 @@ class LatenConfig(Section):
 
 
 class LoraSftConfig(Section):
-    """Plain LoRA fine-tuning control."""
+    """Plain LoRA fine-tuning control (random-init LoRA on the train split)."""
 
     rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    targets: str = Field(_POST_TARGETS, description="comma-separated projections to LoRA-tune")
     lr: float = Field(3e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="passes over the train split (ignored when --steps is given)")
     batch_size: int = Field(8, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
 
 
 class LogitKdConfig(Section):
-    """Logit KD control: forward KL(teacher || student) plus optional CE."""
+    """Logit KD control: forward KL(teacher || student) plus optional CE, LoRA on the student."""
 
     lr: float = Field(3e-4, gt=0)
     temperature: float = Field(1.0, gt=0)
-    ce_weight: float = Field(0.0, ge=0)
-    epochs: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0, description="weight of the gold-token CE added to the KL")
+    epochs: float = Field(1.0, gt=0, description="passes over the train split (ignored when --steps is given)")
     batch_size: int = Field(8, ge=1)
     rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    targets: str = Field(_POST_TARGETS, description="comma-separated projections to LoRA-tune")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    chunk_tokens: int = Field(256, ge=1, description="positions per KL chunk (bounds vocab-sized memory)")
 
 
 class RunConfig(Section):

@@ -92,11 +92,17 @@ def make_trainable(ctx: TransferContext, layers: list[int]) -> torch.nn.Module:
 
 
 def teacher_targets(ctx: TransferContext, batch: dict, pairs: list[LayerPair], smap: SemanticMap,
-                    interface: str) -> dict[int, torch.Tensor]:
-    """Aligned targets M h_T/|h_T| (student space, float32) for each pair's student layer."""
+                    interface: str, *, logits: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Aligned targets M h_T/|h_T| (student space, float32) per pair's student layer, and optionally the
+    teacher's final logits (one full forward); without logits the teacher stops after the deepest needed layer."""
     needed = sorted({l for p in pairs for l in p.teacher_layers_needed()})
+    t_logits = None
     with torch.no_grad(), capture_layers(ctx.t_arch, needed, mlp=interface == "mlp_output", detach=True) as cap:
-        run_until(ctx.t_arch, max(needed), input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if logits:
+            t_logits = ctx.teacher(**kw).logits
+        else:
+            run_until(ctx.t_arch, max(needed), **kw)
         out = {}
         for p in pairs:
             if p.interpolation:
@@ -106,7 +112,7 @@ def teacher_targets(ctx: TransferContext, batch: dict, pairs: list[LayerPair], s
             else:
                 h = cap.interface(p.teacher_layer, interface)
             out[p.student_layer] = smap.apply(h)
-    return out
+    return out, t_logits
 
 
 def save_layer_map_plot(path: Path, lm) -> None:

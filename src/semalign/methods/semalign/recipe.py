@@ -18,6 +18,7 @@ import torch
 
 from ...artifacts import peak_rss_mb
 from ...data.prompts import collate, pad_id_of, render_example
+from ...models.hooks import capture_layers
 from ...pairing import LayerMap, critical_pairs
 from ...training.loop import (check_finite, check_finite_grads, config_hash, load_checkpoint, make_optimizer,
                               make_scheduler, save_checkpoint)
@@ -39,14 +40,14 @@ def step_examples(ctx: TransferContext, step: int, rng: random.Random) -> list[d
     return first + rng.sample(pool, k)
 
 
-def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs_by_stage, smap, *,
+def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, smap, *,
                         layer_loss: str, output_loss: str, steps: int, label: str, step_offset: int = 0,
-                        extra_loss_kwargs: dict | None = None, output_weight: float | None = None) -> None:
+                        interface: str | None = None, extra_loss_kwargs: dict | None = None,
+                        output_weight: float | None = None, tau: float = 1.0) -> None:
     """Shared optimisation loop (v1 and every frontier stage): resumable, logged, non-finite guarded."""
     c = ctx.config
     sc = c.semalign
-    interface = sc.interface
-    pairs = pairs_by_stage
+    interface = interface or sc.interface
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = make_scheduler(opt, c.scheduler, steps, c.lr)
@@ -55,7 +56,8 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs_by_s
     start = 0
     if ctx.resume and (ckpt / "trainer_state.json").is_file():
         start, _ = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, cfg_hash=chash)
-        ctx.run.truncate_metrics(step_offset + start)
+        if start < steps:
+            ctx.run.truncate_metrics(step_offset + start)
         log.info("%s: resumed after step %d", label, start)
     rng = random.Random(c.seed + step_offset)
     for s in range(start):  # replay the data cursor so resumed runs see the same batches
@@ -76,14 +78,8 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs_by_s
         for i in range(0, len(rendered), c.micro_batch):
             b = {k: v.to(ctx.device) for k, v in collate(rendered[i:i + c.micro_batch], pad).items()}
             tokens += int(b["attention_mask"].sum())
-            targets = teacher_targets(ctx, b, pairs, smap, interface)
-            need_teacher_logits = output_loss == "kl_source" and ow > 0
-            t_logits = None
-            if need_teacher_logits:
-                with torch.no_grad():
-                    t_logits = ctx.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            from ...models.hooks import capture_layers
-
+            need_logits = output_loss == "kl_source" and ow > 0
+            targets, t_logits = teacher_targets(ctx, b, pairs, smap, interface, logits=need_logits)
             with autocast(ctx), capture_layers(ctx.s_arch, [p.student_layer for p in pairs],
                                                mlp=interface == "mlp_output") as cap:
                 out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
@@ -100,7 +96,7 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs_by_s
                 layer_terms.append(term)
                 per_layer[p.student_layer] = per_layer.get(p.student_layer, 0.0) + float(term.detach()) / n_micro
             l_layer = torch.stack(layer_terms).mean()
-            l_out = ofn(out.logits, b["labels"], teacher_logits=t_logits, tau=c.frontier.tau)
+            l_out = ofn(out.logits, b["labels"], teacher_logits=t_logits, tau=tau) if ow > 0 else out.logits.sum() * 0.0
             loss = sc.layer_weight * l_layer + ow * l_out
             check_finite(loss, step + 1)
             (loss / n_micro).backward()
