@@ -100,6 +100,8 @@ class LatenConfig(Section):
     locate_examples: int = Field(1, ge=1, description="train examples whose attribution picks the injected "
                                  "neurons at inference (official: 1; more averages the scores)")
     original_scaling: bool = Field(False, description="reproduce the official code's attribution scaling bug")
+    lens_vocab: Optional[int] = Field(None, ge=1, description="CPU-budget approximation of the neuron scores: "
+                                      "top-K base-logit tokens exact, the rest to first order (default: exact)")
 
     @field_validator("transfer_rate")
     @classmethod
@@ -158,7 +160,8 @@ class RunConfig(Section):
     eval_tasks: str = Field("", description="comma-separated benchmarks evaluated before/after (empty: none)")
     eval_limit: Optional[int] = Field(None, ge=1, description="examples per benchmark")
     allow_code_execution: bool = False
-    dtype: Literal["bf16", "fp32", "fp16", "auto"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = Field(
+        "auto", description="compute dtype; auto = bf16 where the hardware has native bf16, else fp32")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = 42
     output: Optional[str] = Field(None, description="run directory (default runs/<method>-<task>-<time>)")

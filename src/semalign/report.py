@@ -1,13 +1,19 @@
-"""Run reports: ``report.md`` (and plots) in every run directory.
+"""Reports: ``report.md`` plus a self-contained ``report.html`` (images embedded) per run, per comparison and per
+pair analysis.
 
-The analysis suite can add sections/figures later; this module renders what every run has: the setup, the
-layer map, the loss curves, the held-out NLL table and (when evaluated) the teacher / before / after table.
+* :func:`write_run_report` — every transfer run: setup, layer map, held-out NLL, loss curves, benchmarks,
+  export check, and the analysis section when ``RUN_DIR/analysis/analysis.json`` exists.
+* :func:`regenerate_run_report` — the same from the files of a finished run (``semalign analyze RUN_DIR``).
+* :func:`write_analysis_report` — ``semalign analyze --teacher ... --student ...`` output directories.
+* :func:`write_compare_report` — ``compare/`` directories (per-method rows; tolerant of missing keys).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from .artifacts import RunDir
 from .config import RunConfig
@@ -24,7 +30,7 @@ def plot_losses(run: RunDir) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [m["step"] for m in rows]
+    steps = [m.get("step", i + 1) for i, m in enumerate(rows)]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for key in ("loss", "layer_loss", "output_loss"):
         if all(key in m for m in rows):
@@ -43,7 +49,7 @@ def plot_losses(run: RunDir) -> Path | None:
 
 def nll_table(nll: dict) -> str:
     def f(x):
-        return "n/a" if x is None or x.get("nll") is None else f"{x['nll']:.4f}"
+        return "n/a" if not x or x.get("nll") is None else f"{x['nll']:.4f}"
 
     t, b, a = nll.get("teacher"), nll.get("student_before"), nll.get("student_after")
     gap = "n/a"
@@ -55,7 +61,7 @@ def nll_table(nll: dict) -> str:
 
 
 def eval_section(evals: dict) -> str:
-    if not any(evals.values()):
+    if not evals or not any(evals.values()):
         return ""
     try:
         from .eval import compare_table
@@ -67,20 +73,117 @@ def eval_section(evals: dict) -> str:
         return ""
 
 
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        return f"{x:.{nd}f}" if abs(x) >= 10 ** -nd or x == 0 else f"{x:.2e}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def analysis_section(index: dict, prefix: str = "", heading: str = "##") -> str:
+    """Markdown for an analysis index (``analysis.json``); image paths are ``prefix + file``."""
+    s = index.get("summary", {})
+    tok = index.get("tokens", {})
+    opts = index.get("options", {})
+    lines = [f"{heading} Analysis", "",
+             f"`semalign analyze` on {len(index.get('examples', []))} `{index.get('task')}` examples "
+             f"({tok.get('pooled_tokens', 'n/a')} pooled tokens; shared prefix of {tok.get('dropped_common_prefix_tokens', 0)} "
+             f"tokens dropped), dtype {opts.get('dtype')}, seed {opts.get('seed')}; wall {index.get('wall_seconds', 'n/a')} s, "
+             f"peak RSS {index.get('peak_rss_mb', 'n/a')} MB.", ""]
+    cka = s.get("cka", {})
+    if cka:
+        rows = [[n.replace("_", " "), v.get("mean_along_depth_map", v.get("mean_diagonal")),
+                 "along depth map" if "mean_along_depth_map" in v else "mean off-embedding diagonal"]
+                for n, v in cka.items()]
+        lines += [f"{heading}# Linear CKA summary", "", _table(["map", "mean CKA", "where"], rows)]
+    al = s.get("alignment", {})
+    if al:
+        rows = [[w, d.get("block_output"), d.get("residual")] for w, d in al.items()]
+        lines += [f"{heading}# Paired-layer alignment cosine (mean over depth-map pairs)", "",
+                  _table(["student", "block output h", "residual Δ"], rows)]
+    res = s.get("resolution", {})
+    if res:
+        kinds = sorted({k for v in res.values() for k in v})
+        lines += [f"{heading}# Resolution of semantics (mean cos(h, S Sᵀ h) over layers)", "",
+                  _table(["model"] + kinds, [[m] + [v.get(k) for k in kinds] for m, v in res.items()])]
+    par = s.get("parametric", {})
+    if par:
+        keys = ["cos", "cka", "cka_null", "cos_lowrank", "cos_remaining", "pissa_cos"]
+        lines += [f"{heading}# Parametric similarity (mean over student layers)", "",
+                  _table(["projection"] + keys, [[n] + [v.get(k) for k in keys] for n, v in par.items()])]
+    top = s.get("attribution_top_layer")
+    if top:
+        lines += ["Top Grad x Act layer: " + ", ".join(f"{k} L{v}" for k, v in top.items()), ""]
+    lines += [f"{heading}# Figures", ""]
+    figs = index.get("figures", [])
+    heat = [f for f in figs if str(f.get("file", "")).startswith("cka_")]
+    for f in [f for f in figs if f not in heat]:
+        lines += [f"{heading}## {f.get('title', f.get('file'))}", "", f"![{f.get('title', '')}]({prefix}{f['file']})",
+                  "", f.get("caption", ""), ""]
+    if heat:
+        lines += [f"{heading}## Linear CKA heat-maps", "",
+                  "Rows and columns start at 0 = embeddings (h_0); dashed line = v1 depth map; red squares = the "
+                  "run's supervised pairs.", ""]
+        lines += [f"![{f.get('title', '')}]({prefix}{f['file']})" for f in heat] + [""]
+    return "\n".join(lines)
+
+
+def _write_both(root: Path, md: str, title: str) -> Path:
+    from .analysis.html import write_html
+    from .paths import atomic_write_text
+
+    p = Path(root) / "report.md"
+    atomic_write_text(p, md)
+    write_html(Path(root) / "report.html", md, base_dir=Path(root), title=title)
+    return p
+
+
+def _run_analysis(run: RunDir) -> str:
+    p = run.path("analysis", "analysis.json")
+    if not p.is_file():
+        return ""
+    try:
+        return analysis_section(json.loads(p.read_text()), prefix="analysis/")
+    except (ValueError, OSError) as exc:
+        log.warning("analysis index %s unreadable (%s); report written without it", p, exc)
+        return ""
+
+
+def _model_line(role: str, spec: str, d: dict) -> str:
+    shape = f" ({d['num_layers']} layers x {d['hidden_size']})" if "num_layers" in d and "hidden_size" in d else ""
+    return f"- {role}: `{spec}`{shape}"
+
+
 def write_run_report(run: RunDir, cfg: RunConfig, summary: dict, results: dict) -> Path:
+    """``report.md`` and ``report.html`` of a run (tolerates partial summaries/results)."""
     plot_losses(run)
+    summary, results = summary or {}, results or {}
     lines = [f"# Transfer report: {run.root.name}", "",
              f"- method: **{cfg.method}** ({summary.get('paper', '')})",
-             f"- teacher: `{cfg.teacher}` ({summary['teacher']['num_layers']} layers x {summary['teacher']['hidden_size']})",
-             f"- student: `{cfg.student}` ({summary['student']['num_layers']} layers x {summary['student']['hidden_size']})",
-             f"- task: `{cfg.task}`; data: {summary['data']['source']}",
+             _model_line("teacher", cfg.teacher, summary.get("teacher", {})),
+             _model_line("student", cfg.student, summary.get("student", {})),
+             f"- task: `{cfg.task}`; data: {summary.get('data', {}).get('source', 'n/a')}",
              f"- steps: {cfg.steps or 'task default'}; batch {cfg.batch_size}; lr {cfg.lr}; seed {cfg.seed}; dtype {cfg.dtype}",
-             f"- wall time: {summary.get('wall_seconds', 'n/a')} s; peak RSS {summary.get('peak_rss_mb', 'n/a')} MB", ""]
+             f"- status: {summary.get('status', 'n/a')}; wall time: {summary.get('wall_seconds', 'n/a')} s; "
+             f"peak RSS {summary.get('peak_rss_mb', 'n/a')} MB", ""]
     if cfg.method == "semalign-frontier":
         lines += ["> **Reconstruction.** `semalign-frontier` follows the v2/ACL abstracts only; no published numbers "
                   "exist to compare against.", ""]
-    if "layer_map" in summary:
-        lines += ["## Layer map", "", f"`{summary['layer_map']}`", "", "![layer map](plots/layer_map.png)", ""]
+    if "layer_map" in summary or run.path("plots", "layer_map.png").is_file():
+        lines += ["## Layer map", ""]
+        if "layer_map" in summary:
+            lines += [f"`{summary['layer_map']}`", ""]
+        if run.path("plots", "layer_map.png").is_file():
+            lines += ["![layer map](plots/layer_map.png)", ""]
     lines += ["## Held-out NLL", "", nll_table(results.get("nll", {}))]
     if run.path("plots", "loss.png").is_file():
         lines += ["## Training", "", "![loss](plots/loss.png)", ""]
@@ -89,4 +192,109 @@ def write_run_report(run: RunDir, cfg: RunConfig, summary: dict, results: dict) 
     lines += ["## Export", "", f"Merged student: `student/` (reloads with `AutoModelForCausalLM.from_pretrained`; "
               f"max |logit diff| vs in-memory = {rt.get('max_abs_logit_diff', 'n/a')})", "",
               "Evaluation settings (decoding, prompts) were chosen by this project; see docs/evaluation.md.", ""]
-    return run.write_text("report.md", "\n".join(lines))
+    sec = _run_analysis(run)
+    if sec:
+        lines += [sec, ""]
+    lines += ["## Configuration", "", "```yaml", _config_text(run, cfg).rstrip(), "```", ""]
+    return _write_both(run.root, "\n".join(lines), f"semalign run {run.root.name}")
+
+
+def _config_text(run: RunDir, cfg: RunConfig) -> str:
+    p = run.path("config.resolved.yaml")
+    if p.is_file():
+        return p.read_text()
+    from .config import dump_config
+
+    return dump_config(cfg)
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except ValueError:
+        log.warning("%s is not valid JSON; ignored", p)
+        return {}
+
+
+def regenerate_run_report(run_dir: str | Path) -> Path:
+    """Rewrite ``report.md``/``report.html`` of an existing run from its files (adds the analysis section)."""
+    import yaml
+
+    from .config import make_config
+
+    run = RunDir(Path(run_dir))
+    cfg = make_config(yaml.safe_load(run.path("config.resolved.yaml").read_text()) or {})
+    return write_run_report(run, cfg, _read_json(run.path("summary.json")), _read_json(run.path("results.json")))
+
+
+def write_analysis_report(out_dir: str | Path, index: dict) -> Path:
+    """Report of a pair analysis (``semalign analyze --teacher ... --student ...``)."""
+    out = Path(out_dir)
+    lines = [f"# Analysis report: {out.name}", "", f"- teacher: `{index.get('teacher')}`",
+             f"- student: `{index.get('student')}`", f"- task: `{index.get('task')}`; data dir: "
+             f"{index.get('data_dir') or 'shipped data'}", f"- created: {index.get('created', 'n/a')}", "",
+             analysis_section(index, prefix=""), "## Options", "", "```json",
+             json.dumps(index.get("options", {}), indent=2), "```", ""]
+    return _write_both(out, "\n".join(lines), f"semalign analysis {out.name}")
+
+
+# -- comparison reports -------------------------------------------------------------------------------------
+
+
+def _flatten(d: Any, prefix: str = "", depth: int = 3) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict) and depth > 0:
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}.", depth - 1) if isinstance(v, dict) else
+                       {f"{prefix}{k}": v} if isinstance(v, (int, float, str, bool)) or v is None else {})
+    return out
+
+
+def _compare_rows(results: Any) -> list[dict]:
+    if isinstance(results, list):
+        rows = results
+    elif isinstance(results, dict):
+        rows = results.get("rows") or results.get("results") or results.get("methods") or []
+        if isinstance(rows, dict):
+            rows = [{"method": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in rows.items()]
+    else:
+        rows = []
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def write_compare_report(compare_dir: str | Path, results: Any) -> Path:
+    """``compare/report.md`` + ``report.html``: one row per method (any scalar keys, nested dicts flattened with
+    dots; all-empty columns dropped), links to each row's run report, and every PNG in the folder and plots/."""
+    root = Path(compare_dir)
+    rows = [_flatten(r) for r in _compare_rows(results)]
+    meta = results if isinstance(results, dict) else {}
+    lines = [f"# Comparison report: {root.name}", ""]
+    for key in ("teacher", "student", "task", "tasks", "seed", "seeds", "created"):
+        if meta.get(key) is not None and not isinstance(meta[key], (dict, list)):
+            lines.append(f"- {key}: `{meta[key]}`")
+    lines.append("")
+    if rows:
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols and not k.endswith(("run_dir", "path"))]
+        first = [c for c in ("method", "name", "label") if c in cols]
+        cols = first + [c for c in cols if c not in first and any(r.get(c) is not None for r in rows)]
+        lines += ["## Results", "", _table(cols, [[r.get(c) for c in cols] for r in rows])]
+        runs = [(r.get("method") or r.get("name") or f"row {i + 1}", r.get("run_dir")) for i, r in enumerate(rows)]
+        runs = [(m, d) for m, d in runs if isinstance(d, str)]
+        if runs:
+            lines += ["Run reports: " + ", ".join(f"[{m}]({d}/report.html)" for m, d in runs), ""]
+    else:
+        lines += ["No per-method rows in results.json yet.", ""]
+    if isinstance(meta.get("notes"), list):
+        lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    pngs = sorted(root.glob("*.png")) + sorted(root.glob("plots/*.png"))
+    if pngs:
+        lines += ["## Figures", ""]
+        for p in pngs:
+            rel = p.relative_to(root).as_posix()
+            lines += [f"![{p.stem}]({rel})", ""]
+    idx = root / "analysis" / "analysis.json"
+    if idx.is_file():
+        lines += [analysis_section(_read_json(idx), prefix="analysis/")]
+    return _write_both(root, "\n".join(lines), f"semalign comparison {root.name}")

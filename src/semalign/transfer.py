@@ -23,6 +23,7 @@ from .errors import NonFiniteLossError, SemalignError
 from .methods.base import TransferContext, get_method
 from .models.arch import internals
 from .models.export import merged, roundtrip_check
+from .models.precision import resolve_compute_dtype
 from .training.loop import gold_nll
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,14 @@ def _student_autocast(cfg: RunConfig, device: torch.device):
 def measure_nll(cfg: RunConfig, model, tok, examples, task, device, *, student: bool) -> dict:
     if not examples:
         return {"nll": None, "tokens": 0}
-    bs = batches(tok, examples, cfg.micro_batch, max_length=cfg.max_length, train_on_inputs=task.train_on_inputs)
+    # Always the answer tokens only (even for tasks trained on inputs): "gold-answer NLL".
+    bs = batches(tok, examples, cfg.micro_batch, max_length=cfg.max_length, train_on_inputs=False)
     ctx = _student_autocast(cfg, device) if student else torch.autocast(device_type=device.type, enabled=False)
+    t0 = time.perf_counter()
     with ctx:
-        return gold_nll(model, bs, device)
+        r = gold_nll(model, bs, device)
+    log.info("held-out NLL %.4f over %d answer tokens (%.1fs)", r["nll"], r["tokens"], time.perf_counter() - t0)
+    return r
 
 
 def _evaluate(cfg: RunConfig, model, tok, name: str, used_ids: set[str], *, cache_key: str | None = None) -> dict:
@@ -105,9 +110,13 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     from .models.load import load_model, model_content_hash, resolve_device
 
     t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    compute = resolve_compute_dtype(cfg.dtype, device)
+    if compute != cfg.dtype:
+        log.info("--dtype auto -> %s on this %s", compute, device.type)
+        cfg = cfg.model_copy(update={"dtype": compute})
     out, method = validate(cfg, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     task = get_task(cfg.task)
     splits = build_splits(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed)
     preloaded = preloaded or {}
@@ -117,9 +126,11 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     if "teacher" in preloaded:
         teacher, t_tok = preloaded["teacher"], preloaded["teacher_tokenizer"]
     else:
-        teacher, t_tok, _ = load_model(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
-    # Student master weights in fp32 so small updates survive; compute runs under bf16 autocast.
-    student, s_tok, s_res = load_model(cfg.student, dtype="fp32", device=cfg.device)
+        teacher, t_tok, _ = load_model(cfg.teacher, dtype=compute, device=cfg.device)
+    # Trained weights must be fp32 so small updates survive; compute runs under bf16 autocast. Methods that
+    # upcast only what they train load the student in its stored dtype, so untouched weights are never rounded.
+    s_dtype = "fp32" if method.student_fp32 or compute == "fp32" else "stored"
+    student, s_tok, s_res = load_model(cfg.student, dtype=s_dtype, device=cfg.device)
     timings["load_models"] = time.perf_counter() - t0
     for p in teacher.parameters():
         p.requires_grad_(False)

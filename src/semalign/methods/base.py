@@ -52,6 +52,9 @@ class TransferMethod:
     paper: ClassVar[str] = ""
     summary_line: ClassVar[str] = ""
     needs_teacher_forward: ClassVar[bool] = True
+    # True: the driver loads the student with fp32 weights. False: the student is loaded in --dtype and the
+    # method upcasts only what it trains (SemAlign: the paired layers), which keeps frozen compute in bf16.
+    student_fp32: ClassVar[bool] = True
 
     def prepare(self, ctx: TransferContext) -> None:
         """Attribution / extraction / pairing / precomputation. Writes its artefacts to the run dir."""

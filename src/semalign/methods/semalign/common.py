@@ -73,10 +73,11 @@ def make_trainable(ctx: TransferContext, layers: list[int]) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     c = ctx.config.semalign
+    for k in layers:  # fp32 master weights for the layers that change (the rest stays in --dtype)
+        ctx.s_arch.layer(k).float()
     if c.trainable == "full":
         for k in layers:
             for p in ctx.s_arch.layer(k).parameters():
-                p.data = p.data.float()
                 p.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model

@@ -49,6 +49,7 @@ def _set_frontier(ctx: TransferContext, model: torch.nn.Module, k: int, mode: st
     for p in model.parameters():
         p.requires_grad_(False)
     layer = ctx.s_arch.layer(k)
+    layer.float()  # fp32 master weights for the frontier layer (base and adapters)
     n = 0
     for name, p in layer.named_parameters():
         if (mode == "lora" and "lora_" in name) or (mode == "full" and "lora_" not in name):
@@ -61,6 +62,7 @@ def _set_frontier(ctx: TransferContext, model: torch.nn.Module, k: int, mode: st
 
 @METHODS.register("semalign-frontier", help="RECONSTRUCTION of SemAlign v2/ACL: shallow-to-deep frontier schedule")
 class SemAlignFrontier(TransferMethod):
+    student_fp32 = False
     name = "semalign-frontier"
     paper = "arXiv 2510.24208v2 / ACL 2026 Findings — RECONSTRUCTION from the abstracts (no published numbers)"
     summary_line = "[reconstruction] every target layer, shallow to deep, only the frontier layer trainable"

@@ -122,13 +122,16 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
 
 @METHODS.register("semalign", help="SemAlign v1: attribution-paired layer alignment via semantic bases")
 class SemAlignV1(TransferMethod):
+    student_fp32 = False
     name = "semalign"
     paper = "arXiv 2510.24208v1 (Gu et al., Beyond Neural Incompatibility: latent semantic alignment)"
     summary_line = "activations: critical teacher layer -> paired student layer via pinv(LM head) bases"
 
     def prepare(self, ctx: TransferContext) -> None:
         c = ctx.config.semalign
+        t0 = time.perf_counter()
         scores = teacher_attribution(ctx)
+        t_attr = time.perf_counter() - t0
         lm_path = ctx.run.path("layer_map.json")
         if lm_path.is_file():
             lm = LayerMap.from_json(ctx.run.read_json("layer_map.json"))
@@ -139,7 +142,10 @@ class SemAlignV1(TransferMethod):
         save_layer_map_plot(ctx.run.path("plots", "layer_map.png"), lm)
         t0 = time.perf_counter()
         smap = semantic_map(ctx, ctx.teacher_tokenizer or ctx.tokenizer)
-        ctx.summary["semantic_map"] = {**smap.meta, "seconds": round(time.perf_counter() - t0, 2)}
+        t_map = time.perf_counter() - t0
+        ctx.summary["semantic_map"] = smap.meta
+        ctx.summary["prepare_timings"] = {"attribution_seconds": round(t_attr, 2), "semantic_map_seconds": round(t_map, 2),
+                                          "attribution_examples": scores.n_examples}
         ctx.state.update(layer_map=lm, smap=smap, scores=scores)
         ctx.summary["layer_map"] = lm.describe()
         log.info("layer map: %s", lm.describe())
