@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The main job: SemAlign v1 on the default pair (Qwen2.5-Coder 1.5B -> 0.5B, MMLU), with a stratified 57-question
+# MMLU evaluation (one per subject) of teacher / student before / student after.
+DEMO_ARGS ?= --eval-tasks mmlu --eval-limit 57
 demo: $(STAMP)
-	$(BIN)/semalign transfer $(ARGS)
+	$(BIN)/semalign transfer $(DEMO_ARGS) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

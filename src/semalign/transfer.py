@@ -67,7 +67,8 @@ def measure_nll(cfg: RunConfig, model, tok, examples, task, device, *, student: 
     return r
 
 
-def _evaluate(cfg: RunConfig, model, tok, name: str, used_ids: set[str], *, cache_key: str | None = None) -> dict:
+def _evaluate(cfg: RunConfig, model, tok, name: str, used_ids: set[str], *, cache_key: str | None = None,
+              output_dir: Path | None = None) -> dict:
     tasks = cfg.eval_task_list()
     if not tasks:
         return {}
@@ -78,6 +79,8 @@ def _evaluate(cfg: RunConfig, model, tok, name: str, used_ids: set[str], *, cach
                               data_dir=cfg.data_dir, exclude_ids=used_ids, model_name=name)
     if cache_key:
         kw["cache_key"] = cache_key
+    if output_dir is not None:
+        kw["output_dir"] = output_dir
     return evaluate(model, tok, tasks, **kw)
 
 
@@ -167,8 +170,10 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                 teacher_key = model_content_hash(preloaded.get("teacher_path") or resolve_model(cfg.teacher).path)
             except Exception:  # noqa: BLE001 - caching is an optimisation only
                 teacher_key = None
-        evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=teacher_key),
-                 "student_before": _evaluate(cfg, student, s_tok, "student (before)", used)}
+        evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=teacher_key,
+                                      output_dir=run.path("eval", "teacher")),
+                 "student_before": _evaluate(cfg, student, s_tok, "student (before)", used,
+                                             output_dir=run.path("eval", "student_before"))}
         timings["eval_before"] = time.perf_counter() - t0
 
         ctx = TransferContext(cfg, teacher, student, s_tok, t_arch, s_arch, splits, task, run, device,
@@ -192,7 +197,8 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         nll["student_after"] = measure_nll(cfg, ctx.student, s_tok, nll_ex, task, device, student=True)
         timings["nll_after"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        evals["student_after"] = _evaluate(cfg, ctx.student, s_tok, "student (after)", used)
+        evals["student_after"] = _evaluate(cfg, ctx.student, s_tok, "student (after)", used,
+                                           output_dir=run.path("eval", "student_after"))
         timings["eval_after"] = time.perf_counter() - t0
         summary.update(ctx.summary)
         summary.update({"status": "completed", "nll": nll, "nll_examples": len(nll_ex), "export": str(path),

@@ -86,3 +86,30 @@ def test_resume_equals_uninterrupted(tiny_dirs, data_dir, tmp_path, monkeypatch)
     wa = AutoModelForCausalLM.from_pretrained(full / "student").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(part / "student").state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_transfer_with_benchmark_table(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """--eval-tasks evaluates teacher / before / after and prints the gap-closed table (fixture MMLU)."""
+    import shutil
+    from pathlib import Path
+
+    from tests.conftest import mmlu_like, write_protocol_dir
+
+    monkeypatch.setenv("SEMALIGN_CACHE", str(tmp_path / "cache"))
+    root = write_protocol_dir(tmp_path / "data", "mmlu", mmlu_like)
+    fx = Path(__file__).resolve().parents[1] / "fixtures" / "eval" / "mmlu"
+    shutil.copytree(fx, root / "mmlu")
+    out = tmp_path / "run"
+    t, s = tiny_dirs
+    rc = main(["transfer", "--teacher", str(t), "--student", str(s), "--task", "mmlu", "--data-dir", str(root),
+               "--output", str(out), "--steps", "1", "--batch-size", "4", "--micro-batch", "2", "--nll-examples", "2",
+               "--eval-tasks", "mmlu", "--eval-limit", "4"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["eval"]) == {"teacher", "student_before", "student_after"}
+    assert results["eval"]["teacher"]["results"]["mmlu"]["n"] == 4
+    report = (out / "report.md").read_text()
+    assert "gap closed" in report.lower() and "gap closed" in printed.lower()
+    for who in ("teacher", "student_before", "student_after"):
+        assert (out / "eval" / who / "results.json").is_file()
