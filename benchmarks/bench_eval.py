@@ -130,6 +130,8 @@ def main() -> int:
                     "dtype": args.dtype, "generation": None, "tasks": {}}
     data_dir = args.data_dir if Path(args.data_dir).is_dir() else None
     for name in (STUDENT, TEACHER):
+        if args.skip_tasks and (name != STUDENT or args.skip_generation):
+            continue
         if asset_path(name) is None:
             msg = f"asset {name} is not in the cache; run `semalign assets fetch {name}` first"
             print(f"skip: {msg}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Benchmark SemAlign v1 on the real offline pair (Qwen2.5-Coder-1.5B-Instruct -> 0.5B-Instruct).
 
 Prints and writes JSON (default benchmarks/results/semalign_v1.json):
-- bf16 / fp32 matmul peak of this machine, measured in the same run (2048^3 matmuls);
+- bf16 / fp32 matmul peak of this machine, measured in the same run (2048^3 matmuls); MFU is taken against the
+  peak of the dtype the run computed in (`--dtype auto`: bf16 only with native bf16 support);
 - asset assembly + conversion (cold: a fresh temporary cache, with --cold-assets; otherwise the recorded
   figures in benchmarks/assets_fetch_timings.json are copied with their provenance);
 - wall time per phase of a transfer: model load, attribution, semantic bases + M (cold: cache cleared, warm:
@@ -46,11 +47,24 @@ def block_params(arch, upto: int | None = None) -> int:
     return sum(p.numel() for layer in layers for p in layer.parameters())
 
 
+def _eval_summary(run: Path) -> dict:
+    res = json.loads((run / "results.json").read_text()).get("eval", {})
+    out = {}
+    for who, r in res.items():
+        for task, m in (r or {}).get("results", {}).items():
+            out.setdefault(task, {})[who] = {k: m.get(k) for k in ("acc", "acc_stderr", "n", "pass@1", "exact_match")
+                                             if k in m}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--task", default="mmlu")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--eval-tasks", default="mmlu", help="as in `make demo` (empty string: no benchmark eval)")
+    ap.add_argument("--eval-limit", type=int, default=57)
+    ap.add_argument("--runs", default="cold,warm", help="cold: semantic-map cache cleared; warm: cached")
     ap.add_argument("--cold-assets", action="store_true", help="fetch both models into a fresh temp cache")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "semalign_v1.json"))
     args = ap.parse_args()
@@ -93,16 +107,18 @@ def main() -> int:
         return 0
 
     runs = {}
-    for phase in ("cold", "warm"):
+    for phase in args.runs.split(","):
         if phase == "cold":
             shutil.rmtree(cache_dir() / "semantic_maps", ignore_errors=True)
         out = Path(tempfile.mkdtemp(prefix=f"semalign-bench-{phase}-")) / "run"
-        cfg = RunConfig(task=args.task, data_dir=args.data_dir, steps=args.steps, output=str(out))
+        cfg = RunConfig(task=args.task, data_dir=args.data_dir, steps=args.steps, output=str(out),
+                        eval_tasks=args.eval_tasks, eval_limit=args.eval_limit)
         t = time.perf_counter()
         summary = run_transfer(cfg, overwrite=True)
         wall = time.perf_counter() - t
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[phase] = {"wall_seconds": round(wall, 1), "timings_seconds": summary["timings_seconds"],
+                       "dtype": cfg.dtype if cfg.dtype != "auto" else None, "eval": _eval_summary(out),
                        "prepare_seconds": summary.get("prepare_timings"), "layer_map": summary.get("layer_map"),
                        "steps": [{k: m[k] for k in ("step", "step_seconds", "tokens", "tokens_per_second", "loss")}
                                  for m in metrics], "nll": summary["nll"], "peak_rss_mb": summary["peak_rss_mb"]}
@@ -111,29 +127,36 @@ def main() -> int:
     out, summary, metrics = last
 
     from semalign.models.arch import internals
-    from semalign.models.load import load_model
 
-    teacher, _, _ = load_model(TEACHER, dtype="bf16")
-    student, _, _ = load_model(STUDENT, dtype="bf16")
-    ta, sa = internals(teacher), internals(student)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def meta_model(name):  # parameter counts only: build on the meta device, no weights loaded
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(asset_dir(name)))
+
+    ta, sa = internals(meta_model(TEACHER)), internals(meta_model(STUDENT))
     lm = json.loads((out / "layer_map.json").read_text())
     deepest = max(p["teacher_layer"] for p in lm["pairs"])
     n_t = block_params(ta, deepest)
     n_s = block_params(sa) + sa.lm_head.weight.numel()
     flops_per_token = 2 * n_t + 6 * n_s
-    peak = result["matmul_peak_gflops"]["bf16"]
+    from semalign.models.precision import native_compute_dtype
+
+    compute = native_compute_dtype("cpu")  # what --dtype auto resolved to for these runs
+    result["compute_dtype"] = compute
+    peak = result["matmul_peak_gflops"][compute]
     steps = []
     for m in metrics:
         gflops = flops_per_token * m["tokens"] / m["step_seconds"] / 1e9
         steps.append({"step": m["step"], "seconds": m["step_seconds"], "tokens_per_second": m["tokens_per_second"],
-                      "model_gflops": round(gflops, 1), "mfu_vs_bf16_peak": round(gflops / peak, 3)})
+                      "model_gflops": round(gflops, 1), "mfu": round(gflops / peak, 3)})
     result["training_step"] = {"flops_per_token": flops_per_token, "teacher_params_to_deepest_layer": n_t,
                                "student_params_with_head": n_s, "steps": steps}
     result["runs"] = runs
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     for s in steps:
         print(f"step {s['step']}: {s['seconds']} s, {s['tokens_per_second']} tok/s, "
-              f"{s['model_gflops']} GFLOP/s, MFU {s['mfu_vs_bf16_peak']:.1%}")
+              f"{s['model_gflops']} GFLOP/s, MFU {s['mfu']:.1%} of the {compute} matmul peak")
     print(f"peak RSS {result['peak_rss_mb']} MB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -284,7 +284,10 @@ def bar_plot(res: dict, path: Path) -> None:
     for ax, t in zip(axes[0], tasks):
         vals = [(r.get("nll") if t == "nll" else r["metrics"].get(t)) for r in rows]
         ys = [float("nan") if v is None else (v if t == "nll" else 100 * v) for v in vals]
-        ax.bar(range(len(rows)), ys, color=colors)
+        errs = [0.0 if t == "nll" or r["stderr"].get(t) is None else 100 * r["stderr"][t] for r in rows]
+        ax.bar(range(len(rows)), ys, color=colors, yerr=errs, capsize=3, error_kw={"elinewidth": 0.8})
+        if ys[1] == ys[1]:
+            ax.axhline(ys[1], color="#999999", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=30, ha="right")
         ax.set_ylabel("held-out NLL (lower is better)" if t == "nll" else f"{t} (%)")
         ax.set_title(t)

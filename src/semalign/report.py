@@ -262,38 +262,84 @@ def _compare_rows(results: Any) -> list[dict]:
     return [r for r in rows if isinstance(r, dict)]
 
 
-def write_compare_report(compare_dir: str | Path, results: Any) -> Path:
-    """``compare/report.md`` + ``report.html``: one row per method (any scalar keys, nested dicts flattened with
-    dots; all-empty columns dropped), links to each row's run report, and every PNG in the folder and plots/."""
+def _rel_link(target: str, root: Path) -> str:
+    """A link to ``target`` relative to ``root`` when it exists on disk (else the string as given)."""
+    import os
+
+    p = Path(target)
+    for cand in (p, root / p, root.parent / p, root.parent.parent / p):
+        if cand.exists():
+            return Path(os.path.relpath(cand.resolve(), root.resolve())).as_posix()
+    return p.as_posix()
+
+
+def _merge_stderr(rows: list[dict]) -> list[dict]:
+    """``metrics.X`` and ``stderr.X`` -> one ``X`` cell "v ± e" (in percent for fractions), in place of the metric."""
+    out = []
+    for r in rows:
+        new: dict[str, Any] = {}
+        for k, v in r.items():
+            if k.startswith("stderr."):
+                continue
+            if k.startswith("metrics."):
+                t = k.split(".", 1)[1]
+                e = r.get("stderr." + t)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1:
+                    v = f"{100 * v:.1f}" + (f" ± {100 * e:.1f}" if isinstance(e, (int, float)) else "")
+                new[t] = v
+            else:
+                new[k] = v
+        out.append(new)
+    return out
+
+
+def write_compare_report(compare_dir: str | Path, results: Any = None) -> Path:
+    """``compare/report.md`` + ``report.html`` for ``semalign compare`` (schema of ``semalign/compare.py``:
+    ``{"task", "teacher", "student", "rows": [{"name", "kind", "status", "metrics", "stderr", "nll",
+    "gap_closed", "wall_seconds", "peak_rss_mb", "run_dir", "error"}], ...}``), tolerant of missing keys and of
+    other layouts (a list of rows, or ``{"methods": {name: {...}}}``). ``results=None`` reads
+    ``compare_dir/results.json``. Uses the comparison's own ``table.md`` when present; links each row's run
+    report; embeds every PNG of the folder and of ``plots/``."""
     root = Path(compare_dir)
-    rows = [_flatten(r) for r in _compare_rows(results)]
+    if results is None:
+        results = _read_json(root / "results.json")
+    rows = _merge_stderr([_flatten(r) for r in _compare_rows(results)])
     meta = results if isinstance(results, dict) else {}
     lines = [f"# Comparison report: {root.name}", ""]
-    for key in ("teacher", "student", "task", "tasks", "seed", "seeds", "created"):
-        if meta.get(key) is not None and not isinstance(meta[key], (dict, list)):
-            lines.append(f"- {key}: `{meta[key]}`")
+    for key in ("teacher", "student", "task", "eval_tasks", "eval_limit", "steps", "seed", "dtype", "teacher_dtype",
+                "split_source", "wall_seconds", "peak_rss_mb", "created"):
+        v = meta.get(key)
+        if isinstance(v, list):
+            v = ", ".join(map(str, v)) or None
+        if v is not None and not isinstance(v, dict):
+            lines.append(f"- {key.replace('_', ' ')}: `{v}`")
     lines.append("")
-    if rows:
+    table = root / "table.md"
+    if table.is_file():
+        lines += ["## Results", "", table.read_text().rstrip(), ""]
+    elif rows:
         cols: list[str] = []
         for r in rows:
             cols += [k for k in r if k not in cols and not k.endswith(("run_dir", "path"))]
-        first = [c for c in ("method", "name", "label") if c in cols]
+        first = [c for c in ("name", "method", "label", "kind", "status") if c in cols]
         cols = first + [c for c in cols if c not in first and any(r.get(c) is not None for r in rows)]
         lines += ["## Results", "", _table(cols, [[r.get(c) for c in cols] for r in rows])]
-        runs = [(r.get("method") or r.get("name") or f"row {i + 1}", r.get("run_dir")) for i, r in enumerate(rows)]
-        runs = [(m, d) for m, d in runs if isinstance(d, str)]
-        if runs:
-            lines += ["Run reports: " + ", ".join(f"[{m}]({d}/report.html)" for m, d in runs), ""]
     else:
         lines += ["No per-method rows in results.json yet.", ""]
+    runs = [(r.get("name") or r.get("method") or f"row {i + 1}", r.get("run_dir")) for i, r in enumerate(rows)]
+    runs = [(m, _rel_link(d, root)) for m, d in runs if isinstance(d, str) and d]
+    if runs:
+        lines += ["Run reports: " + ", ".join(f"[{m}]({d}/report.html)" for m, d in runs), ""]
+    errors = [(r.get("name") or r.get("method"), r.get("error")) for r in rows if r.get("error")]
+    if errors:
+        lines += ["## Errors", ""] + [f"- **{m}**: {e}" for m, e in errors] + [""]
     if isinstance(meta.get("notes"), list):
         lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     pngs = sorted(root.glob("*.png")) + sorted(root.glob("plots/*.png"))
     if pngs:
         lines += ["## Figures", ""]
         for p in pngs:
-            rel = p.relative_to(root).as_posix()
-            lines += [f"![{p.stem}]({rel})", ""]
+            lines += [f"![{p.stem}]({p.relative_to(root).as_posix()})", ""]
     idx = root / "analysis" / "analysis.json"
     if idx.is_file():
         lines += [analysis_section(_read_json(idx), prefix="analysis/")]

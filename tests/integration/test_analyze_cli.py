@@ -9,7 +9,7 @@ import pytest
 
 from semalign.cli.main import main
 
-FAST = ["--n-samples", "3", "--bases", "output,input,random", "--rank", "4", "--no-cache", "-q"]
+FAST = ["--n-samples", "3", "--bases", "output,output_folded,input,random", "--rank", "4", "--no-cache", "-q"]
 
 
 @pytest.fixture(scope="module")

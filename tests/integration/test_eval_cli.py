@@ -79,3 +79,18 @@ def test_eval_cli_refuses_code_without_flag(model_dir, capsys):
 def test_eval_cli_unknown_task(model_dir, capsys):
     rc = _run(["eval", "--model", str(model_dir), "--tasks", "gsm9k"])
     assert rc == 2 and "Did you mean 'gsm8k'" in capsys.readouterr().err
+
+
+def test_exclude_ids_file_formats(tmp_path):
+    from semalign.cli.eval_cmd import _read_ids
+
+    (tmp_path / "a.json").write_text(json.dumps(["x", 1]))
+    (tmp_path / "b.json").write_text(json.dumps({"ids": ["y"]}))
+    (tmp_path / "c.json").write_text(json.dumps({"splits": {"train": {"ids": ["t1"]}, "align": {"ids": ["a1"]},
+                                                            "eval": {"ids": ["e1"]}}}))
+    (tmp_path / "d.txt").write_text("mbpp-248\n\nmbpp-427\n")
+    assert _read_ids(tmp_path / "a.json") == {"x", "1"}
+    assert _read_ids(tmp_path / "b.json") == {"y"}
+    assert _read_ids(tmp_path / "c.json") == {"t1", "a1"}
+    assert _read_ids(tmp_path / "d.txt") == {"mbpp-248", "mbpp-427"}
+    assert _read_ids(None) is None

@@ -236,3 +236,28 @@ def test_compare_report_tolerates_schemas(tmp_path):
     assert "lora-sft" in (tmp_path / "report.md").read_text()
     write_compare_report(tmp_path, {})
     assert "No per-method rows" in (tmp_path / "report.md").read_text()
+
+
+def test_compare_report_with_compare_schema(tmp_path):
+    from semalign.report import write_compare_report
+
+    root = tmp_path / "out"
+    comp = root / "compare"
+    (root / "runs" / "semalign").mkdir(parents=True)
+    _png(comp / "bars.png")
+    res = {"task": "mmlu", "methods": ["semalign"], "eval_tasks": ["mmlu"], "teacher": "T", "student": "S", "seed": 42,
+           "rows": [{"name": "teacher", "kind": "teacher", "status": "completed", "metrics": {"mmlu": 0.5},
+                     "stderr": {"mmlu": 0.03}, "nll": 1.0, "run_dir": None, "gap_closed": {}},
+                    {"name": "semalign", "kind": "method", "status": "failed", "metrics": {"mmlu": None},
+                     "stderr": {}, "nll": None, "run_dir": str(root / "runs" / "semalign"), "error": "boom",
+                     "gap_closed": {"mmlu": None}}]}
+    (comp).mkdir(exist_ok=True)
+    (comp / "results.json").write_text(json.dumps(res))
+    md = write_compare_report(comp).read_text()  # reads results.json itself
+    assert "| name | kind | status | mmlu |" in md and "50.0 ± 3.0" in md
+    assert "[semalign](../runs/semalign/report.html)" in md and "**semalign**: boom" in md
+    (comp / "table.md").write_text("| Model | mmlu (%) |\n|---|---|\n| teacher | 50.0 |\n")
+    md = write_compare_report(comp, res).read_text()
+    assert "| Model | mmlu (%) |" in md
+    page = (comp / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and not re.search(r'(src|href)="https?:', page)

@@ -66,3 +66,15 @@ def test_vocab_mismatch_refused(tiny_tok):
     b = Fake({f"u{i}": i for i in range(100)})
     with pytest.raises(SemalignError, match="vocabularies differ"):
         shared_vocab_size(a, b, 100, 100)
+
+
+def test_placeholder_tail_excluded():
+    class Fake:
+        def __init__(self, vocab):
+            self.v = vocab
+
+        def get_vocab(self):
+            return self.v
+
+    vocab = {f"t{i}": i for i in range(90)} | {f"[PAD{i}]": i for i in range(90, 100)}
+    assert shared_vocab_size(Fake(vocab), Fake(dict(vocab)), 100, 100) == 90

@@ -182,3 +182,24 @@ def test_seeking_shallow_teacher(data_dir, tmp_path):
         tok.save_pretrained(tmp_path / name)
     summ = run_transfer(_cfg(tmp_path / "t", tmp_path / "s", data_dir, tmp_path / "run", steps=1))
     assert summ["seeking"]["layer_map"] == {"1": 1, "2": 1, "3": 2}
+
+
+def test_tied_embeddings(data_dir, tmp_path):
+    """Tied teacher: one sensitivity map serves embed and head; tied student: projection targets work end to end."""
+    from semalign.transfer import run_transfer
+
+    tok = tiny_tokenizer()
+    t = tiny_model("qwen2", tokenizer=tok, hidden=64, layers=3, ffn=128, tie=True)
+    s = tiny_model("qwen2", tokenizer=tok, hidden=32, layers=2, ffn=64, tie=True, seed=1)
+    arch = internals(t)
+    x = torch.randint(0, len(tok), (1, 10))
+    sens = accumulate_sensitivity(arch, [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}],
+                                  ["lm_head", "embed_tokens"])
+    assert torch.equal(sens.maps["0.lm_head"], sens.maps["0.embed_tokens"].t())
+    for name, m in (("t", t), ("s", s)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    summ = run_transfer(_cfg(tmp_path / "t", tmp_path / "s", data_dir, tmp_path / "run", steps=1))
+    assert summ["roundtrip"]["equal"] and summ["student"]["tied_embeddings"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()

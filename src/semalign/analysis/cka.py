@@ -26,6 +26,13 @@ MAPS: dict[str, tuple[str, str, str]] = {
     "teacher_x_aligned_teacher": ("teacher", "aligned_teacher", "teacher x teacher aligned (with vs without)"),
     "student_x_recomposed_student": ("student", "recomposed_student",
                                      "student x student recomposed on its own bases"),
+    "teacher_x_normalised_teacher": ("teacher", "normalised_teacher", "teacher x teacher normalised per token"),
+    "normalised_teacher_x_normalised_student": ("normalised_teacher", "normalised_student",
+                                                "teacher x student, both normalised per token"),
+    "aligned_teacher_x_normalised_student": ("aligned_teacher", "normalised_student",
+                                             "teacher (aligned) x student normalised per token"),
+    "folded_aligned_teacher_x_student": ("folded_aligned_teacher", "student",
+                                         "teacher (aligned, final-norm gain folded) x student"),
     "student_before_x_after": ("student", "student_after", "student before x after transfer"),
     "teacher_x_student_after": ("teacher", "student_after", "teacher x student after transfer"),
     "aligned_teacher_x_student_after": ("aligned_teacher", "student_after",
@@ -33,12 +40,20 @@ MAPS: dict[str, tuple[str, str, str]] = {
 }
 
 LABELS = {"teacher": "teacher layer", "aligned_teacher": "teacher layer (aligned)", "student": "student layer",
+          "normalised_teacher": "teacher layer (h/|h|)", "normalised_student": "student layer (h/|h|)",
+          "folded_aligned_teacher": "teacher layer (aligned, folded M)",
           "recomposed_student": "student layer (recomposed)", "student_after": "student layer (after transfer)"}
 
 
 def align_states(smap: SemanticMap, states: torch.Tensor, chunk: int = 4) -> torch.Tensor:
     """Teacher states mapped into student space, M h/|h| per token: [L+1, N, D_S] float32."""
     return torch.cat([smap.apply(states[i:i + chunk]) for i in range(0, states.shape[0], chunk)])
+
+
+def normalise(states: torch.Tensor) -> torch.Tensor:
+    """h/|h| per token (float32)."""
+    h = states.float()
+    return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def recompose_states(P: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

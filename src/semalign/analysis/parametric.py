@@ -56,8 +56,11 @@ def best_window(score: torch.Tensor, h: int, w: int) -> tuple[int, int, float]:
 
 
 def lowrank(w: torch.Tensor, r: int, seed: int = 0) -> torch.Tensor:
-    """Rank-r truncated SVD of w (randomised, 6 power iterations, float32)."""
+    """Rank-r truncated SVD of w (float32): exact for small matrices, else randomised with 6 power iterations."""
     r = min(r, *w.shape)
+    if min(w.shape) <= 256:
+        u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+        return (u[:, :r] * s[:r]) @ vh[:r]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         u, s, v = torch.svd_lowrank(w.float(), q=min(r + 8, *w.shape), niter=6)

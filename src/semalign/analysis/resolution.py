@@ -9,6 +9,8 @@ Basis kinds:
 
 * ``output``: unit-norm columns of pinv(W_head) (the paper's semantic bases): with A = pinv(W^T W),
   column i is A w_i, so P = A [sum_i w_i w_i^T / |A w_i|^2] A;
+* ``output_folded``: the same for W_head diag(g), the final-norm gain folded in (spec §8.6): the head then acts
+  on the raw residual stream up to the RMS scale, so these bases live in the space of h itself;
 * ``input``: the same with the input embedding matrix E in place of W_head;
 * ``random``: Gaussian D x V bases with unit-norm columns (the brief's null);
 * ``random_uniform``: non-negative U[0,1) D x V bases, unit-norm columns (a non-centred null).
@@ -28,11 +30,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SemalignError
 from ..methods.semalign.bases import tensor_digest
 
 log = logging.getLogger(__name__)
 
-BASIS_KINDS = ("output", "input", "random", "random_uniform")
+BASIS_KINDS = ("output", "output_folded", "input", "random", "random_uniform")
 CHUNK = 16384
 
 
@@ -90,8 +93,13 @@ def frame_operator(kind: str, arch, n_ids: int, *, rcond: float = 1e-6, seed: in
     d = arch.hidden_size
     if kind.startswith("random"):
         return random_frame_operator(d, n_ids, kind=kind, seed=seed)
-    mod = arch.lm_head if kind == "output" else arch.embed
+    mod = arch.embed if kind == "input" else arch.lm_head
     w = mod.weight.detach().float().cpu()
+    if kind == "output_folded":
+        g = arch.final_norm_gain()
+        if g is None:
+            raise SemalignError("basis kind output_folded: this model's final norm has no gain vector")
+        w = w * g.cpu()
     path = None
     if cache_root is not None:
         key = hashlib.sha256(json.dumps({"w": tensor_digest(w), "n": n_ids, "rcond": rcond, "v": 1}).encode())

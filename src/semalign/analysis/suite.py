@@ -50,6 +50,7 @@ class AnalysisOptions:
     bases: tuple[str, ...] = BASIS_KINDS
     rank: int = 16
     rcond: float = 1e-6
+    folded: bool = True             # also align with M built from W diag(g) (final-norm gain folded, spec §8.6)
     cache: bool = True
 
     def validate(self) -> None:
@@ -154,8 +155,8 @@ def _analyze(c: _Ctx, *, teacher: str, student: str, task: str, data_dir: str | 
     if o.seed is None:
         o.seed = 42
     c.out.mkdir(parents=True, exist_ok=True)
-    c.index.update({"output": str(c.out), "teacher": teacher, "student": student, "student_after": student_after, "task": task,
-                    "data_dir": data_dir, "options": asdict(o), "run_dir": str(run_dir) if run_dir else None,
+    c.index.update({"output": str(c.out), "teacher": teacher, "student": student, "student_after": student_after,
+                    "task": task, "data_dir": data_dir, "options": asdict(o), "run_dir": str(run_dir) if run_dir else None,
                     "created": datetime.now().isoformat(timespec="seconds")})
     t = time.perf_counter()
     ex = _examples(task, data_dir, o.seed, o.n_samples)
@@ -171,7 +172,7 @@ def _analyze(c: _Ctx, *, teacher: str, student: str, task: str, data_dir: str | 
     t_model, t_arch, t_tok, _ = _load(teacher, o)
     s_model, s_arch, _, _ = _load(student, o)
     L_T, L_S = t_arch.num_layers, s_arch.num_layers
-    n_shared = shared_vocab_size(t_tok, s_tok, t_arch.vocab_size, s_arch.vocab_size)
+    c.index["shared_vocab_ids"] = shared_vocab_size(t_tok, s_tok, t_arch.vocab_size, s_arch.vocab_size)
     c.stage("load", t)
 
     windows = seeking_windows(run_dir) if run_dir and o.extraction in ("auto", "seeking-run") else {}
@@ -179,8 +180,8 @@ def _analyze(c: _Ctx, *, teacher: str, student: str, task: str, data_dir: str | 
     if o.parametric and o.extraction in ("auto", "sensitivity") and not windows:
         layers = sorted({depth_map(k, L_T, L_S) for k in range(1, L_S + 1)})
         names = [n for n in s_arch.projection_names if n in t_arch.projection_names]
-        sens = {t_arch.projection_path(l, n) + ".weight": t_model.get_parameter(t_arch.projection_path(l, n) + ".weight")
-                for l in layers for n in names}
+        paths = [t_arch.projection_path(l, n) + ".weight" for l in layers for n in names]
+        sens = {p: t_model.get_parameter(p) for p in paths}
     t = time.perf_counter()
     tp = _pass("teacher", t_arch, bs, sel, attribution=o.attribution and t_attr is None, sensitivity=sens)
     t_attr = t_attr or tp.attribution
@@ -196,6 +197,11 @@ def _analyze(c: _Ctx, *, teacher: str, student: str, task: str, data_dir: str | 
     else:
         smap = build_semantic_map(t_arch, s_arch, t_tok, s_tok, rcond=o.rcond,
                                   cache_root=cache_dir() / "semantic_maps" if o.cache else None)
+    smap_f = None
+    if o.folded and t_arch.final_norm_gain() is not None and s_arch.final_norm_gain() is not None:
+        smap_f = build_semantic_map(t_arch, s_arch, t_tok, s_tok, rcond=o.rcond, fold_final_norm=True,
+                                    cache_root=cache_dir() / "semantic_maps" if o.cache else None)
+    c.index["semantic_map"] = {k: v for k, v in smap.meta.items() if k != "formula"}
     c.stage("semantic_map", t)
 
     summary: dict[str, Any] = {}
@@ -227,8 +233,14 @@ def _analyze(c: _Ctx, *, teacher: str, student: str, task: str, data_dir: str | 
         summary["parametric"] = par["means"]
         c.stage("parametric", t)
 
-    sets = {"teacher": tp.states, "student": sp.states, "aligned_teacher": ckamod.align_states(smap, tp.states)}
+    sets = {"teacher": tp.states, "student": sp.states, "aligned_teacher": ckamod.align_states(smap, tp.states),
+            "normalised_teacher": ckamod.normalise(tp.states), "normalised_student": ckamod.normalise(sp.states)}
     t_res = ckamod.aligned_residuals(smap, tp.states)
+    cos = {"before": ckamod.paired_cosines(sets["aligned_teacher"], t_res, sp.states)}
+    if smap_f is not None:
+        sets["folded_aligned_teacher"] = ckamod.align_states(smap_f, tp.states)
+        cos["before (folded M)"] = ckamod.paired_cosines(sets["folded_aligned_teacher"],
+                                                         ckamod.aligned_residuals(smap_f, tp.states), sp.states)
     attr = {"teacher": t_attr, "student": sp.attribution}
     del t_model, t_arch, tp, sens, s_model, s_arch
     gc.collect()
@@ -255,7 +267,6 @@ def _analyze(c: _Ctx, *, teacher: str, student: str, task: str, data_dir: str | 
     summary["cka"] = _cka_figures(c, maps, L_T, L_S, marked)
     c.stage("cka", t)
 
-    cos = {"before": ckamod.paired_cosines(sets["aligned_teacher"], t_res, sets["student"])}
     if "student_after" in sets:
         cos["after"] = ckamod.paired_cosines(sets["aligned_teacher"], t_res, sets["student_after"])
     c.write("alignment.json", {"definition": "mean token cos(h_S[k], M h_T[l(k)]/|h_T|), l = v1 depth map",

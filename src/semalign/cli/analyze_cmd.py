@@ -45,8 +45,10 @@ def analyze_cmd(
     parametric: bool = typer.Option(True, "--parametric/--no-parametric", help="parametric similarity"),
     extraction: str = typer.Option("auto", "--extraction", help="auto | seeking-run | sensitivity | leading: "
                                    "how teacher blocks of student shape are chosen"),
-    bases: str = typer.Option("output,input,random,random_uniform", "--bases", help="basis kinds of the "
+    bases: str = typer.Option("output,output_folded,input,random,random_uniform", "--bases", help="basis kinds of the "
                               "resolution check"),
+    folded: bool = typer.Option(True, "--folded/--no-folded", help="also align with M built from the LM head with "
+                                "the final-norm gain folded in (spec §8.6)"),
     rank: int = typer.Option(16, "--rank", help="rank of the LoRA-style factorisation in parametric similarity"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse cached semantic maps and frame operators"),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="more logging"),
@@ -59,7 +61,7 @@ def analyze_cmd(
 
     opts = AnalysisOptions(n_samples=n_samples, max_tokens=max_tokens, max_length=max_length, keep_prefix=keep_prefix,
                            seed=seed, dtype=dtype, device=device, attribution=attribution, resolution=resolution,
-                           parametric=parametric, extraction=extraction,
+                           parametric=parametric, extraction=extraction, folded=folded,
                            bases=tuple(b.strip() for b in bases.split(",") if b.strip()), rank=rank, cache=cache)
     opts.validate()
     if run_dir is not None:

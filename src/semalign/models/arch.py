@@ -99,7 +99,9 @@ class Internals:
         self.num_kv_heads: int = int(getattr(text_cfg, "num_key_value_heads", None) or self.num_heads)
         self.head_dim: int = int(getattr(text_cfg, "head_dim", None) or self.hidden_size // self.num_heads)
         self.vocab_size: int = int(self.lm_head.weight.shape[0])
-        self.tied: bool = self.lm_head.weight.data_ptr() == self.embed.weight.data_ptr()
+        self.tied: bool = self.lm_head.weight is self.embed.weight or (
+            self.lm_head.weight.device.type != "meta"
+            and self.lm_head.weight.data_ptr() == self.embed.weight.data_ptr())
 
     # -- modules -------------------------------------------------------------------------------
     def layer(self, k: int) -> nn.Module:

@@ -221,8 +221,13 @@ class Seeking(TransferMethod):
         ev = [e.explained_variance for e in extracts]
         ctx.summary["seeking"] = {k: meta[k] for k in ("targets", "window", "rank", "seed_source", "seed_examples",
                                                        "layer_map")}
+        by_name: dict[str, list[float]] = {}
+        for e in extracts:
+            by_name.setdefault(e.name, []).append(e.explained_variance)
         ctx.summary["seeking"].update({"matrices": len(extracts), "explained_variance_mean": sum(ev) / len(ev),
-                                       "explained_variance_min": min(ev)})
+                                       "explained_variance_min": min(ev),
+                                       "explained_variance_by_matrix": {k: round(sum(v) / len(v), 4)
+                                                                        for k, v in by_name.items()}})
         log.info("seeking: %d matrices, mean explained variance at r=%d: %.3f", len(extracts), c.rank,
                  sum(ev) / len(ev))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ...paths import atomic_dir
 log = logging.getLogger(__name__)
 
 CHUNK = 16384
+_PLACEHOLDER = re.compile(r"\[PAD\d+\]|<\|?PAD_?\d+\|?>|<pad_\d+>", re.IGNORECASE)
 
 
 def shared_vocab_size(t_tok, s_tok, t_rows: int, s_rows: int) -> int:
@@ -52,7 +54,14 @@ def shared_vocab_size(t_tok, s_tok, t_rows: int, s_rows: int) -> int:
         )
     if diff:
         log.warning("%d shared ids map to different strings; they are excluded from the bases", len(diff))
-    return n
+    # GGUF-derived tokenizers list the LM head's padded tail as placeholder tokens ("[PAD151665]" ...) that no
+    # text ever produces: drop a trailing run of them (spec §8.18).
+    tail = n
+    while tail > 0 and _PLACEHOLDER.fullmatch(str(t_inv.get(tail - 1, ""))):
+        tail -= 1
+    if tail < n:
+        log.info("excluding %d placeholder tokens (ids %d..%d) from the semantic bases", n - tail, tail, n - 1)
+    return tail
 
 
 def tensor_digest(t: torch.Tensor) -> str:
