@@ -15,6 +15,7 @@ teacher, which is shared). ``resume=True`` reuses completed method runs and cach
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -87,7 +88,8 @@ class Row:
     metrics: dict[str, float | None] = field(default_factory=dict)   # eval task -> primary metric
     stderr: dict[str, float | None] = field(default_factory=dict)
     nll: float | None = None
-    wall_seconds: float | None = None
+    wall_seconds: float | None = None       # transfer (teacher/student rows: load + eval)
+    eval_seconds: float | None = None
     peak_rss_mb: float | None = None
     run_dir: str | None = None
     error: str | None = None
@@ -111,6 +113,14 @@ def _evaluate(model, tok, name: str, cfg: RunConfig, tasks: list[str], used: set
     return evaluate(model, tok, tasks, limit=cfg.eval_limit, allow_code_execution=cfg.allow_code_execution,
                     data_dir=cfg.data_dir, exclude_ids=used, model_name=name, cache_key=cache_key,
                     output_dir=out / "eval" / name, log_samples=True)
+
+
+def _completed(run_dir: Path) -> dict | None:
+    p = run_dir / "summary.json"
+    if not p.is_file():
+        return None
+    summary = json.loads(p.read_text())
+    return summary if summary.get("status") == "completed" else None
 
 
 def _gap(value: float | None, student: float | None, teacher: float | None) -> float | None:
@@ -158,7 +168,7 @@ def run_compare(cfg: RunConfig, methods: list[str], *, output: str | Path, resum
         t_key = model_content_hash(t_res) if tasks and t_res.kind != "hub" else None
         t_eval = _evaluate(teacher, t_tok, "teacher", cfg, tasks, used, out, t_key)
     rows = [Row("teacher", "teacher", metrics=_primary(t_eval)[0], stderr=_primary(t_eval)[1],
-                wall_seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rs.peak_mb, 1))]
+                eval_seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rs.peak_mb, 1))]
     preloaded = {"teacher": teacher, "teacher_tokenizer": t_tok, "teacher_path": t_res.path}
 
     t0 = time.perf_counter()
@@ -168,7 +178,7 @@ def run_compare(cfg: RunConfig, methods: list[str], *, output: str | Path, resum
         s_eval = _evaluate(student, s_tok, "student", cfg, tasks, used, out, s_key)
         del student
     rows.append(Row("student", "student", metrics=_primary(s_eval)[0], stderr=_primary(s_eval)[1],
-                    wall_seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rs.peak_mb, 1)))
+                    eval_seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rs.peak_mb, 1)))
     gc.collect()
 
     nll_ref: dict[str, float | None] = {}
@@ -176,41 +186,39 @@ def run_compare(cfg: RunConfig, methods: list[str], *, output: str | Path, resum
         run_dir = out / "runs" / m
         mcfg = make_config({**cfg.model_dump(mode="json"), "method": m, "output": str(run_dir), "eval_tasks": ""})
         row = Row(m, "method", run_dir=str(run_dir))
+        measure = run_dir / "compare_measure.json"
         t0 = time.perf_counter()
-        with RssSampler() as rs:
-            try:
-                summ_path = run_dir / "summary.json"
-                summary = None
-                if resume and summ_path.is_file():
-                    import json
-
-                    old = json.loads(summ_path.read_text())
-                    summary = old if old.get("status") == "completed" else None
-                if summary is None:
-                    summary = run_transfer(mcfg, resume=resume and run_dir.exists(), overwrite=overwrite or not resume,
-                                           preloaded=preloaded)
-                    row.wall_seconds = round(time.perf_counter() - t0, 2)
-                else:
-                    log.info("%s: reusing the completed run in %s", m, run_dir)
-                    row.wall_seconds = summary.get("wall_seconds")
-                nll = summary.get("nll") or {}
-                row.nll = (nll.get("student_after") or {}).get("nll")
-                for k in ("teacher", "student_before"):
-                    nll_ref.setdefault(k, (nll.get(k) or {}).get("nll"))
-                if tasks:
-                    model, tok, _ = load_model(summary["export"], dtype="fp32", device=cfg.device)
-                    res = _evaluate(model, tok, m, cfg, tasks, used, out, summary.get("student_content_hash"))
-                    row.metrics, row.stderr = _primary(res)
-                    del model
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' results
-                log.error("%s failed: %s", m, exc)
-                row.status, row.error = "failed", f"{type(exc).__name__}: {exc}"[:400]
-                row.wall_seconds = round(time.perf_counter() - t0, 2)
-            gc.collect()
-        if row.peak_rss_mb is None:
-            row.peak_rss_mb = round(rs.peak_mb, 1)
+        try:
+            summary = _completed(run_dir) if resume else None
+            if summary is None:
+                with RssSampler() as rs:
+                    summary = run_transfer(mcfg, resume=resume and run_dir.exists(),
+                                           overwrite=overwrite or not resume, preloaded=preloaded)
+                row.wall_seconds, row.peak_rss_mb = round(time.perf_counter() - t0, 2), round(rs.peak_mb, 1)
+                atomic_write_json(measure, {"wall_seconds": row.wall_seconds, "peak_rss_mb": row.peak_rss_mb})
+            else:
+                log.info("%s: reusing the completed run in %s", m, run_dir)
+                old = json.loads(measure.read_text()) if measure.is_file() else {}
+                row.wall_seconds = old.get("wall_seconds", summary.get("wall_seconds"))
+                row.peak_rss_mb = old.get("peak_rss_mb", summary.get("peak_rss_mb"))
+            nll = summary.get("nll") or {}
+            row.nll = (nll.get("student_after") or {}).get("nll")
+            for k in ("teacher", "student_before"):
+                nll_ref.setdefault(k, (nll.get(k) or {}).get("nll"))
+            if tasks:
+                t1 = time.perf_counter()
+                model, tok, _ = load_model(summary["export"], dtype="fp32", device=cfg.device)
+                res = _evaluate(model, tok, m, cfg, tasks, used, out, summary.get("student_content_hash"))
+                row.metrics, row.stderr = _primary(res)
+                row.eval_seconds = round(time.perf_counter() - t1, 2)
+                del model
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' results
+            log.error("%s failed: %s", m, exc)
+            row.status, row.error = "failed", f"{type(exc).__name__}: {exc}"[:400]
+            row.wall_seconds = round(time.perf_counter() - t0, 2)
+        gc.collect()
         rows.append(row)
         _write(out, cfg, methods, rows, nll_ref, splits, t_all, teacher_dtype)  # partial results survive a crash
     del preloaded, teacher
@@ -249,7 +257,7 @@ def markdown(res: dict) -> str:
     """Table-1 style: teacher, student, each method; metric, gap closed, held-out NLL, wall time, peak RSS."""
     tasks = res["eval_tasks"]
     head = (["Model"] + [f"{t} (%)" for t in tasks] + [f"gap closed {t}" for t in tasks]
-            + ["held-out NLL", "gap closed NLL", "wall s", "peak RSS GB", "status"])
+            + ["held-out NLL", "gap closed NLL", "transfer s", "eval s", "peak RSS GB", "status"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
         gc_ = r.get("gap_closed") or {}
@@ -257,15 +265,17 @@ def markdown(res: dict) -> str:
                  + [("–" if gc_.get(t) is None else f"{100 * gc_[t]:+.0f}%") for t in tasks]
                  + [("–" if r.get("nll") is None else f"{r['nll']:.4f}"),
                     ("–" if gc_.get("nll") is None else f"{100 * gc_['nll']:+.0f}%"),
-                    ("–" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"),
+                    ("–" if r.get("wall_seconds") is None or r.get("kind") != "method"
+                     else f"{r['wall_seconds']:.0f}"),
+                    ("–" if r.get("eval_seconds") is None else f"{r['eval_seconds']:.0f}"),
                     ("–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb'] / 1024:.1f}"),
                     r["status"] + (f" ({r['error'][:80]})" if r.get("error") else "")])
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"Task `{res['task']}`; teacher `{res['teacher']}`, student `{res['student']}`; seed {res['seed']}; "
              f"steps {res['steps'] or 'method default'}; eval limit {res['eval_limit']}; splits {res['splits']}.",
              "Gap closed = (method - student) / (teacher - student) in every column (NLL included): moving "
-             "toward the teacher is positive. Wall time and peak RSS are per method run (RSS includes the shared "
-             "resident teacher)."]
+             "toward the teacher is positive. Transfer s / peak RSS: the method's `run_transfer` (RSS includes the "
+             "shared resident teacher); eval s: the harness on the exported model (teacher/student: load + eval)."]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
