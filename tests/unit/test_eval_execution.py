@@ -10,15 +10,7 @@ from semalign.errors import SemalignError
 from semalign.eval.execution import ExecLimits, require_opt_in, run_program, run_programs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = ExecLimits(timeout_s=2.0, memory_mb=512)
