@@ -81,6 +81,27 @@ def bench_generation(model, tok, n_prompts: int, new_tokens: int, batch1_prompts
             "speedup": round(sb.tokens_per_s / s1.tokens_per_s, 2) if s1.tokens_per_s else None}
 
 
+def bench_refill(model, tok, n: int, new_tokens: int, data_dir: str | None) -> dict:
+    """GSM8K-style answers of uneven length: static batches vs refilled batches (same greedy outputs)."""
+    from semalign.data import sources
+    from semalign.eval.generate import GenStats, generate
+    from semalign.eval.gsm8k import PROMPT
+    from semalign.eval.prompting import encode, render
+
+    rows, _ = sources.gsm8k_records("test", Path(data_dir) if data_dir else None)
+    ids = [encode(tok, render(tok, PROMPT.format(question=r["question"]), "", "tokenizer")) for r in rows[:n]]
+    out = {}
+    texts = {}
+    for name, refill in (("static", False), ("refill", True)):
+        st = GenStats()
+        res = generate(model, tok, ids, max_new_tokens=new_tokens, batch_size=16, refill=refill, stats=st)
+        out[name] = st.to_dict()
+        texts[name] = [r.token_ids for r in res]
+    out["same_outputs"] = texts["static"] == texts["refill"]
+    out["speedup"] = round(out["refill"]["tokens_per_s"] / out["static"]["tokens_per_s"], 2)
+    return out
+
+
 def bench_tasks(model, tok, name: str, tasks: list[str], limit: int, data_dir: str | None) -> dict:
     from semalign.errors import SemalignError
     from semalign.eval import evaluate
@@ -116,6 +137,9 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--skip-tasks", action="store_true")
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--refill-prompts", type=int, default=0,
+                    help="also time static vs refilled batches on this many GSM8K prompts (0 = skip)")
+    ap.add_argument("--refill-tokens", type=int, default=256)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_eval.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,6 +168,10 @@ def main() -> int:
         if name == STUDENT and not args.skip_generation:
             report["generation"] = {"model": name, **bench_generation(model, tok, args.gen_prompts, args.gen_tokens,
                                                                       args.batch1_prompts)}
+            if args.refill_prompts:
+                report["generation"]["refill"] = bench_refill(model, tok, args.refill_prompts, args.refill_tokens,
+                                                              data_dir)
+                print(f"  refill: {report['generation']['refill']}", file=sys.stderr)
             g = report["generation"]
             print(f"  generation: batch1 {g['batch1']['tokens_per_s']} tok/s, batch {args.gen_prompts} "
                   f"{g['batched']['tokens_per_s']} tok/s, speed-up {g['speedup']}x", file=sys.stderr)

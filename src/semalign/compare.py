@@ -243,6 +243,12 @@ def _write(out: Path, cfg: RunConfig, methods: list[str], rows: list[Row], nll_r
     atomic_write_json(d / "results.json", res)
     atomic_write_text(d / "table.md", markdown(res))
     bar_plot(res, d / "bars.png")
+    try:
+        from .report import write_compare_report
+
+        write_compare_report(d, res)
+    except Exception as e:  # noqa: BLE001 - the report is a view of results.json, never a reason to lose the run
+        log.warning("could not write compare/report.md: %s", e)
     return res
 
 

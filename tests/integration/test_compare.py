@@ -61,6 +61,10 @@ def test_compare_all_methods(tiny_dirs, eval_data_dir, tmp_path):
     table = (out / "compare" / "table.md").read_text()
     assert "| teacher |" in table and "| logit-kd |" in table and "gap closed" in table
     assert (out / "compare" / "bars.png").stat().st_size > 1000
+    report = (out / "compare" / "report.md").read_text()
+    assert "lora-sft" in report and "bars.png" in report
+    html = (out / "compare" / "report.html").read_text()
+    assert "data:image/png;base64," in html
     # resume reuses the finished runs
     assert main(_args(tiny_dirs, eval_data_dir, out, "lora-sft", "--resume")) == 0
 

@@ -52,6 +52,25 @@ def test_early_finishers_leave_the_batch(tok):
     assert tok.convert_tokens_to_ids("<|im_end|>") in eos_token_ids(model, tok)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_refilled_batches_equal_batch_one(tok, family):
+    """More prompts than rows: finished rows are replaced by waiting prompts mid-batch (qwen2), or batches run one
+    after another (gemma3's sliding-window cache); either way the tokens equal batch-1 decoding."""
+    model = tiny_model(family, tokenizer=tok, layers=2)
+    texts = ["def add(a, b):", "The answer is", "Answer the following question. Question: Natalia sold clips",
+             "x", "Complete the following python function.", "0123", "Here is the completed function:"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stop_fn = lambda text: len(text) >= 4 + len(text.split()[0]) if text.split() else False  # noqa: E731
+    single = generate(model, tok, prompts, max_new_tokens=14, batch_size=1, stop_fn=stop_fn)
+    st = GenStats()
+    many = generate(model, tok, prompts, max_new_tokens=14, batch_size=3, stop_fn=stop_fn, stats=st)
+    assert [o.token_ids for o in many] == [o.token_ids for o in single]
+    assert [o.finish for o in many] == [o.finish for o in single]
+    sampled = dict(max_new_tokens=10, temperature=1.0, seeds=list(range(7)), stop_fn=stop_fn)
+    assert [o.token_ids for o in generate(model, tok, prompts, batch_size=1, **sampled)] == \
+        [o.token_ids for o in generate(model, tok, prompts, batch_size=3, **sampled)]
+
+
 def test_stop_strings_cut_the_text(tok):
     model = tiny_model(tokenizer=tok, layers=2)
     prompts = _prompts(tok)

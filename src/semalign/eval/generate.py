@@ -1,9 +1,11 @@
 """Batched generation with a KV cache, left padding, length bucketing and per-sequence stopping.
 
 A small decoding loop instead of ``model.generate``: prompts are sorted by length (so a batch holds prompts of
-similar length and little padding), left padded, prefilled once, then decoded one token per step with the
-model's ``DynamicCache``. A sequence that hits an end-of-sequence token, a stop string or its token budget leaves
-the batch at once (its rows are dropped from the cache), so the rest of the batch does not pay for it.
+similar length and little padding), left padded, prefilled, then decoded one token per step with the model's
+``DynamicCache``. A sequence that hits an end-of-sequence token, a stop string or its token budget leaves the batch
+at once (its rows are dropped from the cache), and waiting prompts are prefilled and merged into the running batch
+(their key/value states left-padded to the batch width), so the batch stays full and one long answer does not
+leave the machine decoding a single row. Cache columns no remaining row attends to are dropped.
 
 Greedy decoding by default. With ``temperature > 0`` each request samples from its own seeded generator, so a
 request's sample does not depend on which other requests share its batch (up to floating-point effects of
@@ -142,23 +144,86 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def _plain_layers(cache) -> bool:
+    """True when every cache layer is a plain growing ``DynamicLayer`` (rows can be merged and columns trimmed)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None
+                                and layer.keys.dim() == 4 for layer in layers)
+
+
+def _merge_rows(cache, new_cache, width: int) -> None:
+    """Append ``new_cache``'s rows to ``cache``, left-padding their (shorter) key/value states with zeros."""
+    for old, new in zip(cache.layers, new_cache.layers):
+        pad = width - new.keys.shape[-2]
+        k, v = new.keys, new.values
+        if pad > 0:
+            k = torch.nn.functional.pad(k, (0, 0, pad, 0))
+            v = torch.nn.functional.pad(v, (0, 0, pad, 0))
+        old.keys = torch.cat([old.keys, k], dim=0)
+        old.values = torch.cat([old.values, v], dim=0)
+
+
+def _trim_left(cache, attn: torch.Tensor) -> torch.Tensor:
+    """Drop leading cache columns that no remaining row attends to (padding of rows that have left)."""
+    used = attn.sum(0) > 0
+    first = int(used.nonzero()[0]) if bool(used.any()) else 0
+    if first == 0:
+        return attn
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, first:]
+        layer.values = layer.values[:, :, first:]
+    return attn[:, first:]
+
+
 @torch.inference_mode()
-def _run_batch(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, pad_id: int, eos: set[int],
-               stop: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
-               on_finish: Callable[[], None] | None,
-               stop_fn: Callable[[str], bool] | None = None) -> list[GenOutput]:
+def _run_stream(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, batch_size: int, pad_id: int,
+                eos: set[int], stop: Sequence[str], max_new_tokens: int, temperature: float, top_p: float,
+                on_finish: Callable[[], None] | None, stop_fn: Callable[[str], bool] | None,
+                stats: GenStats | None, refill: bool = True) -> list[GenOutput]:
+    """Decode ``prompts`` (sorted longest first) with at most ``batch_size`` rows in flight.
+
+    When rows finish, waiting prompts are prefilled and merged into the running batch (their key/value states
+    left-padded to the batch width), so the batch stays full; leading cache columns nobody attends to are dropped.
+    Falls back to plain static batches for caches with sliding-window or other special layers.
+    """
     dev = model_device(model)
-    ids, attn, pos = left_pad(prompts, pad_id, dev)
-    out = forward_last(model, ids, attn, pos, 1, use_cache=True)
-    cache = out.past_key_values
-    logits = out.logits[:, -1, :]
-    next_pos = attn.sum(-1)
-    rows = list(range(len(prompts)))
+    n = len(prompts)
+    pending = list(range(n))
     gens: list[list[int]] = [[] for _ in prompts]
-    finish = ["length"] * len(prompts)
+    finish = ["length"] * n
     window = 2 * max((len(s) for s in stop), default=0) + 4
     rngs = [torch.Generator().manual_seed(int(s)) for s in seeds] if temperature > 0 else None
-    for _ in range(max_new_tokens):
+    refill_at = max(1, batch_size // 4)
+
+    def admit(k: int):
+        new = pending[:k]
+        del pending[:k]
+        ids, att, pos = left_pad([prompts[i] for i in new], pad_id, dev)
+        out = forward_last(model, ids, att, pos, 1, use_cache=True)
+        if stats is not None:
+            stats.batches += 1
+        return new, out.past_key_values, att, att.sum(-1), out.logits[:, -1, :]
+
+    rows, cache, attn, next_pos, logits = admit(batch_size)
+    mergeable = refill and _plain_layers(cache)
+    while True:
+        free = batch_size - len(rows)
+        if mergeable and pending and free >= refill_at and len(prompts[pending[0]]) <= attn.shape[1]:
+            new, ncache, natt, npos, nlogits = admit(free)
+            if _plain_layers(ncache):
+                width = attn.shape[1]
+                _merge_rows(cache, ncache, width)
+                attn = torch.cat([attn, torch.nn.functional.pad(natt, (width - natt.shape[1], 0))], dim=0)
+                next_pos = torch.cat([next_pos, npos])
+                logits = torch.cat([logits, nlogits])
+                rows = rows + new
+            else:  # pragma: no cover - defensive: run them later as their own batch
+                pending[:0] = new
+                mergeable = False
         tok = _pick(logits, temperature, top_p, [rngs[i] for i in rows] if rngs else None)
         tok_list = tok.tolist()
         keep = []
@@ -178,12 +243,18 @@ def _run_batch(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, 
             if on_finish:
                 on_finish()
         if not keep:
-            break
+            if not pending:
+                break
+            rows, cache, attn, next_pos, logits = admit(batch_size)
+            mergeable = refill and _plain_layers(cache)
+            continue
         if len(keep) < len(rows):
             idx = torch.tensor(keep, device=dev)
             cache.batch_select_indices(idx)
             attn, next_pos, tok = attn[idx], next_pos[idx], tok[idx]
             rows = [rows[j] for j in keep]
+            if mergeable:
+                attn = _trim_left(cache, attn)
         attn = torch.cat([attn, attn.new_ones((len(rows), 1))], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                     past_key_values=cache, use_cache=True)
@@ -203,13 +274,13 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
              batch_size: int | str = "auto", stop: Sequence[str] = (), temperature: float = 0.0, top_p: float = 1.0,
              seeds: Sequence[int] | None = None, on_finish: Callable[[], None] | None = None,
              stats: GenStats | None = None, stop_fn: Callable[[str], bool] | None = None,
-             ignore_eos: bool = False) -> list[GenOutput]:
+             ignore_eos: bool = False, refill: bool = True) -> list[GenOutput]:
     """Generate a continuation for each prompt (token ids). Returns outputs in the order of ``prompts``.
 
     ``stop`` strings end a sequence (they are cut from the returned text); end-of-sequence tokens always do.
     ``stop_fn(text_so_far)`` returning True also ends a sequence (the text is kept whole).
     ``seeds`` (one per prompt) seed sampling when ``temperature > 0``. ``ignore_eos`` (benchmarks only) generates
-    exactly ``max_new_tokens`` per prompt.
+    exactly ``max_new_tokens`` per prompt. ``refill=False`` runs static batches (for benchmarking the refill).
     """
     n = len(prompts)
     if n == 0:
@@ -222,22 +293,19 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     order = sorted(range(n), key=lambda i: (-len(prompts[i]), i))  # length buckets, longest first
     max_len = max(len(p) for p in prompts) + max_new_tokens
     bs = auto_batch_size(model, max_len, n) if batch_size in ("auto", None, 0) else max(1, int(batch_size))
-    outputs: list[GenOutput | None] = [None] * n
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            res = _run_batch(model, tokenizer, [list(prompts[i]) for i in idx], [seeds[i] for i in idx],
-                             pad_id=pad_id, eos=eos, stop=stop, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, on_finish=on_finish, stop_fn=stop_fn)
-            for i, r in zip(idx, res):
-                outputs[i] = r
-            if stats is not None:
-                stats.batches += 1
+        res = _run_stream(model, tokenizer, [list(prompts[i]) for i in order], [seeds[i] for i in order],
+                          batch_size=bs, pad_id=pad_id, eos=eos, stop=stop, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, on_finish=on_finish, stop_fn=stop_fn, stats=stats,
+                          refill=refill)
     finally:
         model.train(was_training)
+    outputs: list[GenOutput | None] = [None] * n
+    for i, r in zip(order, res):
+        outputs[i] = r
     if stats is not None:
         stats.requests += n
         stats.batch_size = bs
