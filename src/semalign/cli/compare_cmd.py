@@ -33,12 +33,13 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[str] = typer.Option(None, help="folder with protocol splits (pkt-splits layout)"),
         output: Optional[str] = typer.Option(None, help="output folder (default runs/compare-<task>-<time>)"),
         seed: int = typer.Option(42, help="seed shared by every method"),
-        dtype: str = typer.Option("bf16", help="teacher dtype and student compute dtype: bf16 | fp32 | fp16"),
+        dtype: str = typer.Option("auto", help="teacher dtype and student compute dtype: auto | bf16 | fp32 | fp16 "
+                                            "(auto: bf16 where the hardware has native bf16, else fp32)"),
         teacher_dtype: Optional[str] = typer.Option(None, help="load the shared teacher in this dtype instead "
                                                     "(e.g. bf16 weights with --dtype fp32 to save memory)"),
         device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
         set_: List[str] = typer.Option([], "--set", help="config override KEY=VALUE, repeatable "
-                                       "(e.g. seeking.seed_examples=8, laten.samples_per_step=8, max_length=256)"),
+                                       "(e.g. seeking.seed_examples=8, laten.samples_per_step=8, max_length=256, batch_size=2)"),
         allow_code_execution: bool = typer.Option(False, help="needed to evaluate humaneval / mbpp"),
         resume: bool = typer.Option(False, "--resume", help="reuse completed runs and cached evaluations"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --output"),
