@@ -41,7 +41,7 @@ class AnalysisOptions:
     max_length: int = 512
     keep_prefix: bool = False
     seed: int | None = None        # None: the run's seed (run mode) or 42
-    dtype: str = "bf16"
+    dtype: str = "auto"
     device: str = "auto"
     attribution: bool = True
     resolution: bool = True

@@ -37,7 +37,8 @@ def analyze_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default RUN/analysis, or "
                                           "runs/analysis-<task>-<time> in pair mode)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="default: the run's seed, or 42"),
-    dtype: str = typer.Option("bf16", "--dtype", help="model dtype for forwards (reductions are fp32/fp64)"),
+    dtype: str = typer.Option("auto", "--dtype", help="model dtype for forwards: auto (bf16 where the hardware has "
+                              "native bf16, else fp32) | bf16 | fp32 | fp16; reductions are fp32/fp64"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     attribution: bool = typer.Option(True, "--attribution/--no-attribution", help="Grad x Act profiles "
                                      "(one backward per example)"),
