@@ -305,7 +305,8 @@ def write_compare_report(compare_dir: str | Path, results: Any = None) -> Path:
         results = _read_json(root / "results.json")
     rows = _merge_stderr([_flatten(r) for r in _compare_rows(results)])
     meta = results if isinstance(results, dict) else {}
-    lines = [f"# Comparison report: {root.name}", ""]
+    title = root.parent.name if root.name == "compare" else root.name
+    lines = [f"# Comparison report: {title}", ""]
     for key in ("teacher", "student", "task", "eval_tasks", "eval_limit", "steps", "seed", "dtype", "teacher_dtype",
                 "split_source", "wall_seconds", "peak_rss_mb", "created"):
         v = meta.get(key)
