@@ -151,6 +151,8 @@ class RunConfig(Section):
     steps: Optional[int] = Field(None, ge=1, description="optimizer steps (default: the task's Table-4 value)")
     batch_size: int = Field(16, ge=1, description="examples per optimizer step (1 extract + 15 align in v1)")
     micro_batch: int = Field(4, ge=1, description="examples per forward pass (gradient accumulation)")
+    gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward during "
+                                         "post-training (seeking, lora-sft, logit-kd): less memory, more compute")
     lr: float = Field(3e-5, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     scheduler: Literal["onecycle", "constant", "cosine"] = "onecycle"

@@ -121,3 +121,40 @@ def test_epochs_budget_and_resume_equals_uninterrupted(tiny_dirs, data_dir, tmp_
     a = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora-sft", "logit-kd"])
+def test_gradient_checkpointing_gives_the_same_training(method, tiny_dirs, data_dir, tmp_path, monkeypatch):
+    """Recomputing activations in backward (less memory) must not change the losses or the exported weights."""
+    import contextlib
+
+    from safetensors.torch import load_file
+
+    from semalign.methods import controls
+    from semalign.transfer import run_transfer
+
+    seen = []
+    orig = controls.activation_checkpointing
+
+    @contextlib.contextmanager
+    def spy(model, enabled):
+        with orig(model, enabled):
+            seen.append(bool(model.get_base_model().is_activation_checkpointing))
+            yield
+
+    monkeypatch.setattr(controls, "activation_checkpointing", spy)
+    t, s = tiny_dirs
+    runs = {}
+    for gc in (False, True):
+        out = tmp_path / f"gc{int(gc)}"
+        cfg = _cfg(method, t, s, data_dir, out).model_copy(update={"gradient_checkpointing": gc})
+        summ = run_transfer(cfg)
+        assert summ["status"] == "completed"
+        runs[gc] = ([json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()],
+                    load_file(str(out / "student" / "model.safetensors")))
+        model = AutoModelForCausalLM.from_pretrained(out / "student")
+        assert not getattr(model, "is_activation_checkpointing", False)  # switched off again before export
+    assert seen == [False, True]  # the flag reached the model while it trained
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-5, atol=1e-6)

@@ -169,6 +169,29 @@ def ce_loss(chunk: int = 256) -> LossFn:
 
 
 # ------------------------------------------------------------------------------------------ the loop
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool):
+    """Hugging Face gradient checkpointing (non-reentrant) on the (PEFT-wrapped) student while the block runs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled:
+        yield
+        return
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise SemalignError(f"{type(base).__name__} does not support gradient checkpointing; "
+                            "drop --gradient-checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        off = base.activation_checkpointing_disable
+    else:  # pragma: no cover - older transformers
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        off = base.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        off()
+
+
 def posttrain(ctx: TransferContext, model: torch.nn.Module, loss_fn: LossFn, *, lr: float, batch_size: int,
               warmup_ratio: float, steps: int, label: str) -> dict:
     """Fine-tune the trainable parameters of ``model`` on the train split; loss is token-weighted per step.
@@ -198,7 +221,7 @@ def posttrain(ctx: TransferContext, model: torch.nn.Module, loss_fn: LossFn, *, 
     losses: list[float] = []
     t_fit = time.perf_counter()
     prog, tid = progress_bar(f"{label} fine-tuning", steps)
-    with prog:
+    with prog, activation_checkpointing(model, c.gradient_checkpointing):
         prog.update(tid, completed=start)
         for step in range(start, steps):
             t0 = time.perf_counter()
