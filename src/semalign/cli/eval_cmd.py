@@ -74,7 +74,8 @@ def eval_cmd(
     num_fewshot: int = typer.Option(0, "--num-fewshot", help="MMLU exemplars per subject (held out, seeded)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder with gsm8k/, mbpp/ (and optionally "
                                             "mmlu/, humaneval/) data files"),
-    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16, fp32 or auto"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware has native bf16, else fp32), "
+                              "bf16, fp16 or fp32"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
     seed: int = typer.Option(1234, "--seed"),
     output: Optional[Path] = typer.Option(None, "--output", "-o",

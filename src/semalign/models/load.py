@@ -196,7 +196,9 @@ def load_model(spec: str | os.PathLike[str] | ResolvedModel, dtype: str | torch.
         kw["trust_remote_code"] = True
     if dev.type != "cpu":
         kw["device_map"] = str(dev)
-    log.info("loading %s (%s) as %s on %s", rm.display_name, rm.kind, dtype, dev)
+    shown = "stored dtype" if torch_dtype == "auto" else str(torch_dtype).removeprefix("torch.")
+    log.info("loading %s (%s) as %s on %s%s", rm.display_name, rm.kind, shown, dev,
+             f" (--dtype {dtype})" if str(dtype) in ("auto", "stored") else "")
     model = _from_pretrained(AutoModelForCausalLM, rm, **kw)
     if dev.type == "cpu":
         model.to(dev)
