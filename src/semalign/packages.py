@@ -17,6 +17,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,6 +36,19 @@ from .errors import SemalignError
 from .paths import atomic_write_json, cache_dir
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WheelMember:
+    """One file inside one pinned wheel."""
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def pin(self) -> str:
+        return f"{self.package}=={self.version}"
 
 CHUNK = 1 << 20  # 1 MiB streaming buffer
 

