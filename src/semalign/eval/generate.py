@@ -213,17 +213,13 @@ def _run_stream(model, tokenizer, prompts: list[list[int]], seeds: list[int], *,
     while True:
         free = batch_size - len(rows)
         if mergeable and pending and free >= refill_at and len(prompts[pending[0]]) <= attn.shape[1]:
-            new, ncache, natt, npos, nlogits = admit(free)
-            if _plain_layers(ncache):
-                width = attn.shape[1]
-                _merge_rows(cache, ncache, width)
-                attn = torch.cat([attn, torch.nn.functional.pad(natt, (width - natt.shape[1], 0))], dim=0)
-                next_pos = torch.cat([next_pos, npos])
-                logits = torch.cat([logits, nlogits])
-                rows = rows + new
-            else:  # pragma: no cover - defensive: run them later as their own batch
-                pending[:0] = new
-                mergeable = False
+            new, ncache, natt, npos, nlogits = admit(free)  # same model, so the same plain cache layout
+            width = attn.shape[1]
+            _merge_rows(cache, ncache, width)
+            attn = torch.cat([attn, torch.nn.functional.pad(natt, (width - natt.shape[1], 0))], dim=0)
+            next_pos = torch.cat([next_pos, npos])
+            logits = torch.cat([logits, nlogits])
+            rows = rows + new
         tok = _pick(logits, temperature, top_p, [rngs[i] for i in rows] if rngs else None)
         tok_list = tok.tolist()
         keep = []
