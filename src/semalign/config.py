@@ -30,6 +30,14 @@ class SemAlignConfig(Section):
     top_k_layers: int = Field(1, ge=1, description="number of critical teacher layers (spec §8.2)")
     aggregate: Literal["abs_of_sum", "sum", "mean", "abs"] = Field(
         "abs_of_sum", description="attribution aggregation over tokens/channels (spec §8.1)")
+    attribution_positions: Literal["response", "all"] = Field(
+        "response", description="positions Grad x Act sums over: supervised response positions (spec §8.1) or all")
+    attribution_target: Literal["block_output", "residual"] = Field(
+        "block_output", description="activation scored: block output h_l (spec) or the residual contribution "
+        "h_l - h_(l-1) (the last layer's signed block-output score is identically ~0 under the final RMSNorm)")
+    attribution_batch: int = Field(4, ge=1, description="examples per attribution forward/backward")
+    attribution_dtype: Literal["fp32", "compute"] = Field(
+        "fp32", description="precision of attribution (fp32: bf16 rounding must not reorder close layers)")
     interface: Literal["residual", "block_output", "mlp_output"] = Field(
         "residual", description="supervision interface: block residual contribution, block output or MLP output")
     depth_exact: bool = Field(False, description="interpolate the teacher target at the exact student depth (§2.3)")
@@ -153,9 +161,12 @@ class RunConfig(Section):
     micro_batch: int = Field(4, ge=1, description="examples per forward pass (gradient accumulation)")
     gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward during "
                                          "post-training (seeking, lora-sft, logit-kd): less memory, more compute")
-    lr: float = Field(3e-5, gt=0)
+    lr: float = Field(3e-5, ge=0, allow_inf_nan=False, description="peak learning rate (0 = a no-op control run)")
     weight_decay: float = Field(0.05, ge=0)
-    scheduler: Literal["onecycle", "constant", "cosine"] = "onecycle"
+    scheduler: Literal["warmup_constant", "onecycle", "constant", "cosine"] = Field(
+        "warmup_constant", description="LR schedule of SemAlign/frontier steps: warmup_constant (linear warm-up over "
+        "10 percent of the steps when there are >= 10, then constant: every configured step gets a useful LR), onecycle "
+        "(LaTen's; decays to ~0 on its last step, so it wastes short runs), constant, cosine")
     max_length: int = Field(768, ge=8, description="token cutoff per example")
     attribution_examples: Optional[int] = Field(None, ge=1, description="extract examples used for attribution (default: all)")
     nll_examples: int = Field(32, ge=0, description="held-out examples for the before/after gold-answer NLL")

@@ -47,24 +47,25 @@ def default_output(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.method}-{cfg.task}-{stamp}"
 
 
-def _student_autocast(cfg: RunConfig, device: torch.device):
-    import contextlib
-
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
-    return torch.autocast(device_type=device.type, dtype=dt) if dt else contextlib.nullcontext()
-
-
 def measure_nll(cfg: RunConfig, model, tok, examples, task, device, *, student: bool) -> dict:
+    """Gold-answer NLL in the model's own dtype, never under autocast: the student before and after is fp32, so
+    a small update is not rounded away (and both sides are measured in the same precision)."""
     if not examples:
         return {"nll": None, "tokens": 0}
     # Always the answer tokens only (even for tasks trained on inputs): "gold-answer NLL".
     bs = batches(tok, examples, cfg.micro_batch, max_length=cfg.max_length, train_on_inputs=False)
-    ctx = _student_autocast(cfg, device) if student else torch.autocast(device_type=device.type, enabled=False)
     t0 = time.perf_counter()
-    with ctx:
+    with torch.autocast(device_type=device.type, enabled=False):
         r = gold_nll(model, bs, device)
-    log.info("held-out NLL %.4f over %d answer tokens (%.1fs)", r["nll"], r["tokens"], time.perf_counter() - t0)
+    r["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    log.info("held-out NLL %.4f over %d answer tokens (%s, %.1fs)", r["nll"], r["tokens"], r["dtype"],
+             time.perf_counter() - t0)
     return r
+
+
+def model_dtype(model) -> str:
+    dts = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    return dts[0] if len(dts) == 1 else "mixed(" + ",".join(dts) + ")"
 
 
 def _evaluate(cfg: RunConfig, model, tok, name: str, used_ids: set[str], *, cache_key: str | None = None,
@@ -130,10 +131,10 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         teacher, t_tok = preloaded["teacher"], preloaded["teacher_tokenizer"]
     else:
         teacher, t_tok, _ = load_model(cfg.teacher, dtype=compute, device=cfg.device)
-    # Trained weights must be fp32 so small updates survive; compute runs under bf16 autocast. Methods that
-    # upcast only what they train load the student in its stored dtype, so untouched weights are never rounded.
-    s_dtype = "fp32" if method.student_fp32 or compute == "fp32" else "stored"
-    student, s_tok, s_res = load_model(cfg.student, dtype=s_dtype, device=cfg.device)
+    # The student is held in fp32 (master weights; training computes under --dtype autocast) and evaluated in fp32
+    # before and after: an update of ~1e-6 on weights of ~0.02 does not survive bf16 rounding, and evaluating
+    # "before" in bf16 but "after" in fp32 would measure the precision switch, not the transfer.
+    student, s_tok, s_res = load_model(cfg.student, dtype="fp32", device=cfg.device)
     timings["load_models"] = time.perf_counter() - t0
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -170,6 +171,8 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                 teacher_key = model_content_hash(preloaded.get("teacher_path") or resolve_model(cfg.teacher).path)
             except Exception:  # noqa: BLE001 - caching is an optimisation only
                 teacher_key = None
+        summary["precision"] = {"compute": compute, "teacher": model_dtype(teacher),
+                                "student_before": model_dtype(student)}
         evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=teacher_key,
                                       output_dir=run.path("eval", "teacher")),
                  "student_before": _evaluate(cfg, student, s_tok, "student (before)", used,
@@ -193,6 +196,10 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         if not summary["roundtrip"]["equal"]:
             raise SemalignError(f"exported student at {path} does not reproduce the in-memory logits "
                                 f"(max diff {summary['roundtrip']['max_abs_logit_diff']:.3g}); please report this bug")
+        summary["precision"]["student_after"] = model_dtype(ctx.student)
+        if summary["precision"]["student_after"] != summary["precision"]["student_before"]:
+            raise SemalignError(f"the student was evaluated in {summary['precision']['student_before']} before and "
+                                f"would be in {summary['precision']['student_after']} after; please report this bug")
         t0 = time.perf_counter()
         nll["student_after"] = measure_nll(cfg, ctx.student, s_tok, nll_ex, task, device, student=True)
         timings["nll_after"] = time.perf_counter() - t0
@@ -206,7 +213,7 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                         {k: round(v, 2) for k, v in timings.items()},
                         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                         "student_source": s_res.display_name})
-        results = {"nll": nll, "eval": evals}
+        results = {"nll": nll, "eval": evals, "precision": summary["precision"]}
         run.write_json("results.json", results)
         from .report import write_run_report
 

@@ -66,7 +66,8 @@ def test_matches_captum_per_layer(tiny_tok):
     ex = {"messages": [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "The answer is 7."}]}
     (b,) = batches(tiny_tok, [ex], 1)
     arch = internals(model)
-    ours = attribute_layers(arch, [b], aggregate="sum")
+    ours = attribute_layers(arch, [b], aggregate="sum", positions="all")
+    resp = attribute_layers(arch, [b], aggregate="sum", positions="response")
 
     def objective(input_ids):
         logits = model(input_ids=input_ids).logits[:, :-1]
@@ -78,6 +79,68 @@ def test_matches_captum_per_layer(tiny_tok):
     attrs = ref.attribute(b["input_ids"], attribute_to_layer_input=False)
     want = [float(a.detach().sum()) for a in attrs]
     assert ours.scores == pytest.approx(want, rel=1e-3, abs=1e-6)
+    # positions='response' (spec §8.1) = Captum's attributions summed over the supervised positions only
+    pos = torch.zeros_like(b["labels"], dtype=torch.bool)
+    pos[:, :-1] = b["labels"][:, 1:] != -100
+    want_resp = [float(a.detach()[pos].sum()) for a in attrs]
+    assert resp.scores == pytest.approx(want_resp, rel=1e-3, abs=1e-6)
+    assert resp.scores != pytest.approx(ours.scores, rel=1e-3, abs=1e-6)  # prompt positions do contribute
+
+
+EXAMPLES = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                          {"role": "assistant", "content": f"The answer is {a + b}."}]} for a, b in
+            [(3, 4), (10, 22), (7, 1), (5, 5), (13, 8)]]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_batched_equals_one_by_one(tiny_tok, family):
+    from semalign.testing import tiny_model
+
+    model = tiny_model(family, tokenizer=tiny_tok, hidden=32, layers=3).float()
+    arch = internals(model)
+    one = attribute_layers(arch, batches(tiny_tok, EXAMPLES, 1), aggregate="sum")
+    many = attribute_layers(arch, batches(tiny_tok, EXAMPLES, 3), aggregate="sum")
+    assert many.n_examples == one.n_examples == len(EXAMPLES)
+    assert many.scores == pytest.approx(one.scores, rel=1e-4, abs=1e-7)
+    for a, b in zip(many.per_example, one.per_example):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-7)
+
+
+def test_last_layer_block_output_is_zero_but_residual_is_not(tiny_tok):
+    """The final RMSNorm is scale-invariant: sum_d g_L h_L = 0 at every position (Euler), so the signed
+    block-output score of the last layer vanishes; the residual contribution's does not."""
+    from semalign.testing import tiny_model
+
+    model = tiny_model("qwen2", tokenizer=tiny_tok, hidden=32, layers=3).float()
+    arch = internals(model)
+    arch.final_norm.variance_epsilon = 1e-12  # tiny random states are small: make the norm's eps negligible
+    bs = batches(tiny_tok, EXAMPLES, 2)
+    out = attribute_layers(arch, bs, aggregate="abs_of_sum", target="block_output")
+    res = attribute_layers(arch, bs, aggregate="abs_of_sum", target="residual")
+    assert out.scores[-1] < 1e-4 * max(out.scores[:-1])
+    assert res.scores[-1] > 1e-2 * max(res.scores)
+    assert res.target == "residual" and out.target == "block_output"
+
+
+def test_runs_in_fp32_and_restores_the_model_dtype(tiny_tok, tmp_path):
+    from semalign.attribution.layers import LayerScores
+    from semalign.testing import tiny_model
+
+    model = tiny_model("qwen2", tokenizer=tiny_tok, hidden=32, layers=3).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = attribute_layers(internals(model), batches(tiny_tok, EXAMPLES, 2))
+    assert s.dtype == "float32"
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[n])
+    m = s.margin()
+    assert m["top"] == s.top(1)[0] and m["next"] == s.top(2)[1]
+    assert m["relative_margin"] == pytest.approx((m["top_score"] - m["next_score"]) / m["top_score"])
+    s.save(tmp_path / "a.json")
+    back = LayerScores.load(tmp_path / "a.json")
+    assert back.scores == s.scores and back.dtype == "float32" and back.positions == "response"
+    import json
+
+    assert json.loads((tmp_path / "a.json").read_text())["margin"]["top"] == m["top"]
 
 
 def test_one_backward_pass_for_all_layers(tiny_tok, monkeypatch):

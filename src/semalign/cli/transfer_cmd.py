@@ -63,6 +63,17 @@ def print_summary(console, summary: dict) -> None:
     console.rule(f"[bold]{summary['method']}[/] finished in {summary.get('wall_seconds')} s")
     if "layer_map" in summary:
         console.print(f"layer map: {summary['layer_map']}")
+    att = summary.get("attribution")
+    if att and att.get("margin", {}).get("top"):
+        m = att["margin"]
+        rel = m.get("relative_margin")
+        console.print(f"attribution ({att['target']}, {att['positions']} positions, {att['dtype']}): top T{m['top']}, "
+                      f"next T{m['next']}, relative margin {rel:.3f}" if rel is not None else "")
+    prec = summary.get("precision")
+    if prec:
+        console.print(f"precision: student evaluated in {prec.get('student_before')} before and "
+                      f"{prec.get('student_after')} after; teacher in {prec.get('teacher')}; training compute "
+                      f"{prec.get('compute')}")
     results = RunDir(run).read_json("results.json")
     console.print(Markdown(nll_table(results.get("nll", {}))))
     sec = eval_section(results.get("eval", {}))

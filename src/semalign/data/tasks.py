@@ -195,21 +195,28 @@ def build_splits(task_name: str, *, data_dir: str | Path | None = None, seed: in
     pool, eval_pool, src = task.pool(ddir)
     pool = list(pool)
     rng.shuffle(pool)
-    want = sum(sizes) + (0 if eval_pool is not None else min_eval)
-    if len(pool) < want:
-        avail = len(pool) - (0 if eval_pool is not None else max(min_eval, len(pool) // 5))
-        scale = avail / max(1, sum(sizes))
-        new = [max(1, int(s * scale)) if s else 0 for s in sizes]
-        notes.append(f"pool of {len(pool)} examples is smaller than requested {sizes} + eval; "
-                     f"shrunk to extract/align/train = {tuple(new)}")
-        log.warning("%s: %s", task.name, notes[-1])
-        sizes = tuple(new)  # type: ignore[assignment]
     a, b, c = sizes
-    extract, align, train = pool[:a], pool[a:a + b], pool[a + b:a + b + c]
+    # Extract and align get their protocol sizes first (SemAlign and LaTen use only those); then the held-out
+    # evaluation reserve; the train split (post-training baselines) takes what is left, up to its size.
+    reserve = 0 if eval_pool is not None else max(min_eval, len(pool) // 5)
+    if len(pool) < a + b + (0 if eval_pool is not None else min_eval):
+        raise SemalignError(
+            f"{task.name}: {src} has {len(pool)} examples, fewer than the protocol's {a} extract + {b} align"
+            + ("" if eval_pool is not None else f" + {min_eval} held out for evaluation")
+            + "; pass --data-dir with the protocol splits (pkt-splits layout, see docs/data.md)")
+    rest = len(pool) - a - b
+    if eval_pool is None:
+        reserve = min(reserve, rest)
+    c_eff = min(c, max(0, rest - reserve))
+    if c_eff < c:
+        notes.append(f"pool of {len(pool)} examples: extract/align at protocol sizes {a}/{b}, train shrunk "
+                     f"from {c} to {c_eff} (SemAlign does not use it; post-training baselines do)")
+        log.warning("%s: %s", task.name, notes[-1])
+    extract, align, train = pool[:a], pool[a:a + b], pool[a + b:a + b + c_eff]
     if eval_pool is not None:
-        seen = {_text_key(e) for e in pool[:a + b + c]}
+        seen = {_text_key(e) for e in pool[:a + b + c_eff]}
         evals = [e for e in eval_pool if _text_key(e) not in seen]
         rng.shuffle(evals)
     else:
-        evals = pool[a + b + c:]
+        evals = pool[a + b + c_eff:]
     return Splits(task.name, extract, align, train, evals, src, seed, notes)

@@ -34,11 +34,26 @@ _PLACEHOLDER = re.compile(r"\[PAD\d+\]|<\|?PAD_?\d+\|?>|<pad_\d+>", re.IGNORECAS
 
 
 def shared_vocab_size(t_tok, s_tok, t_rows: int, s_rows: int) -> int:
-    """Number of leading token ids both tokenizers produce with identical strings; refuses different vocabularies.
+    """Number of leading token ids both tokenizers produce; refuses different vocabularies.
 
     Padded LM-head tails (rows beyond the tokenizer, e.g. Qwen2.5's 151,936 rows for 151,665 tokens) and a
-    token added to only one model (WizardCoder's pad) are excluded (spec §8.7, §8.18).
+    token added to only one model (WizardCoder's pad) are excluded (spec §8.7, §8.18). Up to 0.1% of the ids below
+    that bound may decode to different strings: :func:`shared_ids` drops those too.
     """
+    return _shared(t_tok, s_tok, t_rows, s_rows)[0]
+
+
+def shared_ids(t_tok, s_tok, t_rows: int, s_rows: int) -> torch.Tensor:
+    """The token ids the semantic bases are built over: below :func:`shared_vocab_size`, same string in both."""
+    n, diff = _shared(t_tok, s_tok, t_rows, s_rows)
+    keep = torch.ones(n, dtype=torch.bool)
+    bad = [i for i in diff if i < n]
+    if bad:
+        keep[torch.tensor(bad)] = False
+    return keep.nonzero().squeeze(-1)
+
+
+def _shared(t_tok, s_tok, t_rows: int, s_rows: int) -> tuple[int, list[int]]:
     tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
     t_inv = {i: t for t, i in tv.items()}
     s_inv = {i: t for t, i in sv.items()}
@@ -61,7 +76,7 @@ def shared_vocab_size(t_tok, s_tok, t_rows: int, s_rows: int) -> int:
         tail -= 1
     if tail < n:
         log.info("excluding %d placeholder tokens (ids %d..%d) from the semantic bases", n - tail, tail, n - 1)
-    return tail
+    return tail, diff
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -153,10 +168,12 @@ class MapStats:
     rank_student: int
 
 
-def compute_map(w_t: torch.Tensor, w_s: torch.Tensor, n_shared: int, rcond: float = 1e-6,
+def compute_map(w_t: torch.Tensor, w_s: torch.Tensor, n_shared: int | torch.Tensor, rcond: float = 1e-6,
                 min_norm: float = 1e-8) -> tuple[torch.Tensor, MapStats]:
-    """Closed-form M = S_S S_T^T over the first ``n_shared`` ids (float32 result, float64 accumulation)."""
-    ids = torch.arange(n_shared)
+    """Closed-form M = S_S S_T^T over the first ``n_shared`` ids, or over the given id tensor (float32 result,
+    float64 accumulation)."""
+    ids = n_shared if isinstance(n_shared, torch.Tensor) else torch.arange(n_shared)
+    n_shared = int(ids.numel())
     a_t, r_t = gram_pinv(w_t, ids, rcond)
     a_s, r_s = gram_pinv(w_s, ids, rcond)
     n_t = basis_norms(w_t, a_t, ids)
@@ -179,18 +196,20 @@ def build_semantic_map(t_arch: Internals, s_arch: Internals, t_tok, s_tok, *, rc
                        fold_final_norm: bool = False, cache_root: Path | None = None) -> SemanticMap:
     """M for a teacher/student pair, cached by (head hashes, rcond, folding, shared ids)."""
     n_shared = shared_vocab_size(t_tok, s_tok, t_arch.vocab_size, s_arch.vocab_size)
+    ids = shared_ids(t_tok, s_tok, t_arch.vocab_size, s_arch.vocab_size)
     w_t = effective_head(t_arch, fold_final_norm).cpu()
     w_s = effective_head(s_arch, fold_final_norm).cpu()
     key = hashlib.sha256(json.dumps({
         "t": tensor_digest(w_t), "s": tensor_digest(w_s), "rcond": rcond, "fold": fold_final_norm,
-        "n": n_shared, "v": 1}).encode()).hexdigest()[:24]
+        "n": n_shared, "ids": tensor_digest(ids), "v": 2}).encode()).hexdigest()[:24]
     if cache_root is not None:
         cached = Path(cache_root) / key
         if (cached / "M.safetensors").is_file():
             log.info("semantic map: cache hit %s", cached)
             return SemanticMap.load(cached)
-    m, stats = compute_map(w_t, w_s, n_shared, rcond)
+    m, stats = compute_map(w_t, w_s, ids, rcond)
     meta = {"key": key, "shape": list(m.shape), "rcond": rcond, "fold_final_norm": fold_final_norm,
+            "shared_vocab_bound": n_shared, "excluded_mismatched_ids": n_shared - int(ids.numel()),
             "teacher_head_rows": t_arch.vocab_size, "student_head_rows": s_arch.vocab_size,
             "tokenizer_sizes": [len(t_tok), len(s_tok)], **asdict(stats),
             "formula": "M = S_S S_T^T, S_X = unit-norm columns of pinv(W_X) over shared ids"}

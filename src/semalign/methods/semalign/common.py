@@ -30,20 +30,30 @@ def autocast(ctx: TransferContext):
 
 
 def teacher_attribution(ctx: TransferContext) -> LayerScores:
-    """Grad x Act of all teacher layers on the extract split (cached in the run dir for --resume)."""
+    """Grad x Act of all teacher layers on the extract split (cached in the run dir for --resume).
+
+    The objective is the gold response NLL (prompt tokens masked, whatever the task's train_on_inputs: spec §8.1),
+    summed over ``attribution_positions``, in ``attribution_dtype`` (fp32 by default)."""
     path = ctx.run.path("attribution", "teacher.json")
     if path.is_file():
         return LayerScores.load(path)
+    c = ctx.config.semalign
     ex = ctx.splits.extract[: ctx.config.attribution_examples or len(ctx.splits.extract)]
-    bs = batches(ctx.tokenizer, ex, 1, max_length=ctx.config.max_length, train_on_inputs=ctx.task.train_on_inputs)
+    bs = batches(ctx.teacher_tokenizer or ctx.tokenizer, ex, c.attribution_batch, max_length=ctx.config.max_length,
+                 train_on_inputs=False)
     from rich.progress import Progress
 
+    dtype = torch.float32 if c.attribution_dtype == "fp32" else None
     with Progress(transient=True) as prog:
-        t = prog.add_task(f"attribution ({len(bs)} examples)", total=len(bs))
-        scores = attribute_layers(ctx.t_arch, bs, aggregate=ctx.config.semalign.aggregate,
-                                  progress=lambda: prog.advance(t))
+        t = prog.add_task(f"attribution ({len(ex)} examples)", total=len(bs))
+        scores = attribute_layers(ctx.t_arch, bs, aggregate=c.aggregate, positions=c.attribution_positions,
+                                  target=c.attribution_target, dtype=dtype, progress=lambda: prog.advance(t))
     scores.model = ctx.config.teacher
     scores.save(path)
+    m = scores.margin()
+    log.info("attribution (%s, %s, %s): top T%s %.4g, next T%s %.4g, relative margin %.3f", scores.target,
+             scores.positions, scores.dtype, m["top"], m.get("top_score", float("nan")), m["next"],
+             m.get("next_score", float("nan")), m["relative_margin"] or float("nan"))
     return scores
 
 

@@ -109,11 +109,15 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float = 1
 
 @OUTPUT_LOSSES.register("kl_source", help="v2/ACL: forward KL(teacher || student) on final logits, response tokens")
 def kl_source_loss(logits: torch.Tensor, labels: torch.Tensor, *, teacher_logits: torch.Tensor,
-                   tau: float = 1.0, chunk: int = 256, **_) -> torch.Tensor:
+                   tau: float = 1.0, chunk: int = 256, shared_vocab: int | None = None, **_) -> torch.Tensor:
+    """Over the shared token ids only (``shared_vocab``: the ids both tokenizers produce with the same string;
+    padded LM-head rows and placeholder tokens are excluded, spec §8.7, §8.18)."""
     _, mask = shift_labels(labels)
     s = logits[:, :-1][mask]
     t = teacher_logits[:, :-1][mask]
     n = min(s.shape[-1], t.shape[-1])  # shared vocabulary prefix
+    if shared_vocab:
+        n = min(n, int(shared_vocab))
     total = logits.float().sum() * 0.0
     for i in range(0, s.shape[0], chunk):
         total = total + kl_divergence(t[i:i + chunk, :n].detach(), s[i:i + chunk, :n], tau).sum()

@@ -65,44 +65,54 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
     lfn, ofn = LAYER_LOSSES.get(layer_loss), OUTPUT_LOSSES.get(output_loss)
     ow = sc.output_weight if output_weight is None else output_weight
     pad = pad_id_of(ctx.tokenizer)
+    out_kwargs = {"tau": tau, "shared_vocab": smap.meta.get("shared_vocab_bound", smap.meta.get("shared_ids"))}
     for step in range(start, steps):
         t0 = time.perf_counter()
         examples = step_examples(ctx, step, rng)
-        rendered = [render_example(ctx.tokenizer, e, max_length=c.max_length, train_on_inputs=ctx.task.train_on_inputs)
+        # SemAlign's output term (and attribution) are defined over response tokens (spec §8.1, §8.10), whatever
+        # the task's train_on_inputs (that protocol setting is LaTen's); the layer term has its own positions.
+        rendered = [render_example(ctx.tokenizer, e, max_length=c.max_length, train_on_inputs=False)
                     for e in examples]
-        n_micro = (len(rendered) + c.micro_batch - 1) // c.micro_batch
+        micro = [collate(rendered[i:i + c.micro_batch], pad) for i in range(0, len(rendered), c.micro_batch)]
+        # The step's loss is a mean over the batch's supervised positions, not a mean of micro-batch means:
+        # each micro-batch's term is weighted by its share of the positions (sequences for relgeom).
+        masks = [layer_mask(b, sc.layer_positions) for b in micro]
+        if layer_loss == "relgeom":
+            n_layer = [int((m.sum(1) >= 2).sum()) for m in masks]
+        else:
+            n_layer = [int(m.sum()) for m in masks]
+        n_out = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+        tot_layer, tot_out = max(1, sum(n_layer)), max(1, sum(n_out))
         totals = {"loss": 0.0, "layer_loss": 0.0, "output_loss": 0.0}
         per_layer: dict[int, float] = {}
         tokens = 0
         model.train()
-        for i in range(0, len(rendered), c.micro_batch):
-            b = {k: v.to(ctx.device) for k, v in collate(rendered[i:i + c.micro_batch], pad).items()}
+        freeze_inactive_dropout(model)
+        for j, b in enumerate(micro):
+            b = {k: v.to(ctx.device) for k, v in b.items()}
+            mask = masks[j].to(ctx.device)
+            w_l, w_o = n_layer[j] / tot_layer, n_out[j] / tot_out
             tokens += int(b["attention_mask"].sum())
             need_logits = output_loss == "kl_source" and ow > 0
             targets, t_logits = teacher_targets(ctx, b, pairs, smap, interface, logits=need_logits)
             with autocast(ctx), capture_layers(ctx.s_arch, [p.student_layer for p in pairs],
                                                mlp=interface == "mlp_output") as cap:
                 out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            if sc.layer_positions == "response":
-                lab = b["labels"]
-                mask = torch.zeros_like(lab, dtype=torch.bool)
-                mask[:, :-1] = lab[:, 1:] != -100
-            else:
-                mask = b["attention_mask"].bool()
             layer_terms = []
             for p in pairs:
                 h = cap.interface(p.student_layer, interface)
                 term = lfn(h, targets[p.student_layer], mask, **(extra_loss_kwargs or {}))
                 layer_terms.append(term)
-                per_layer[p.student_layer] = per_layer.get(p.student_layer, 0.0) + float(term.detach()) / n_micro
+                per_layer[p.student_layer] = per_layer.get(p.student_layer, 0.0) + float(term.detach()) * w_l
             l_layer = torch.stack(layer_terms).mean()
-            l_out = ofn(out.logits, b["labels"], teacher_logits=t_logits, tau=tau) if ow > 0 else out.logits.sum() * 0.0
-            loss = sc.layer_weight * l_layer + ow * l_out
+            l_out = (ofn(out.logits, b["labels"], teacher_logits=t_logits, **out_kwargs) if ow > 0
+                     else out.logits.sum() * 0.0)
+            loss = sc.layer_weight * l_layer * w_l + ow * l_out * w_o
             check_finite(loss, step + 1)
-            (loss / n_micro).backward()
-            totals["loss"] += float(loss.detach()) / n_micro
-            totals["layer_loss"] += float(l_layer.detach()) / n_micro
-            totals["output_loss"] += float(l_out.detach()) / n_micro
+            loss.backward()
+            totals["loss"] += float(loss.detach())
+            totals["layer_loss"] += float(l_layer.detach()) * w_l
+            totals["output_loss"] += float(l_out.detach()) * w_o
         check_finite_grads(params, step + 1)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         lr = sched.get_last_lr()[0]
@@ -118,6 +128,24 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
         log.info("%s step %d/%d loss %.4f (layer %.4f, out %.4f) %.1fs", label, step + 1, steps, totals["loss"],
                  totals["layer_loss"], totals["output_loss"], dt)
         save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, cfg_hash=chash)
+
+
+def layer_mask(batch: dict, positions: str) -> torch.Tensor:
+    """[B, T] bool: positions the layer term averages over (``response``: supervised next-token positions)."""
+    if positions == "response":
+        lab = batch["labels"]
+        mask = torch.zeros_like(lab, dtype=torch.bool)
+        mask[:, :-1] = lab[:, 1:] != -100
+        return mask
+    return batch["attention_mask"].bool()
+
+
+def freeze_inactive_dropout(model: torch.nn.Module) -> None:
+    """Adapters that do not train in this stage (earlier frontier stages) run their dropout in eval mode."""
+    for m in model.modules():
+        if hasattr(m, "lora_dropout") and hasattr(m, "lora_A"):
+            active = any(p.requires_grad for p in m.lora_A.parameters())
+            m.lora_dropout.train(active)
 
 
 @METHODS.register("semalign", help="SemAlign v1: attribution-paired layer alignment via semantic bases")
@@ -146,6 +174,8 @@ class SemAlignV1(TransferMethod):
         ctx.summary["semantic_map"] = smap.meta
         ctx.summary["prepare_timings"] = {"attribution_seconds": round(t_attr, 2), "semantic_map_seconds": round(t_map, 2),
                                           "attribution_examples": scores.n_examples}
+        ctx.summary["attribution"] = {"aggregate": scores.aggregate, "positions": scores.positions,
+                                      "target": scores.target, "dtype": scores.dtype, "margin": scores.margin()}
         ctx.state.update(layer_map=lm, smap=smap, scores=scores)
         ctx.summary["layer_map"] = lm.describe()
         log.info("layer map: %s", lm.describe())
