@@ -35,7 +35,9 @@ class SemAlignConfig(Section):
     attribution_target: Literal["block_output", "residual"] = Field(
         "block_output", description="activation scored: block output h_l (spec) or the residual contribution "
         "h_l - h_(l-1) (the last layer's signed block-output score is identically ~0 under the final RMSNorm)")
-    attribution_batch: int = Field(4, ge=1, description="examples per attribution forward/backward")
+    attribution_batch: int = Field(4, ge=1, description="at most this many examples per attribution forward/backward")
+    attribution_batch_tokens: int = Field(1024, ge=8, description="at most this many padded tokens per attribution "
+                                          "batch (bounds activation memory of the fp32 backward)")
     attribution_dtype: Literal["fp32", "compute"] = Field(
         "fp32", description="precision of attribution (fp32: bf16 rounding must not reorder close layers)")
     interface: Literal["residual", "block_output", "mlp_output"] = Field(

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from ..models.arch import Internals
-from ..models.hooks import capture_layers
+from ..models.hooks import capture_layers, supervised_logits, supervised_positions
 from ..paths import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -92,49 +92,12 @@ class LayerScores:
                    d.get("positions", "all"), d.get("target", "block_output"), d.get("dtype", ""))
 
 
-class _StopAtHead(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _final_norm_output(arch: Internals):
-    """Capture the final norm's output and stop the forward there (the LM head then runs only where needed)."""
-    box: dict[str, torch.Tensor] = {}
-
-    def hook(_m, _a, out):
-        box["h"] = out
-        raise _StopAtHead
-
-    h = arch.final_norm.register_forward_hook(hook)
-    try:
-        yield box
-    finally:
-        h.remove()
-
-
-def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: positions t whose next-token label (t + 1) is supervised."""
-    m = torch.zeros_like(labels, dtype=torch.bool)
-    m[:, :-1] = labels[:, 1:] != -100
-    return m
-
-
 def per_example_nll(arch: Internals, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward to the final norm, LM head at supervised positions only; returns (sum of per-example mean NLLs,
     [B] per-example means). The graph stays attached to any activations captured by the caller's hooks."""
-    ids, att, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, lab = batch["input_ids"], batch["labels"]
     pos = supervised_positions(lab)
-    with _final_norm_output(arch) as box:
-        try:
-            out = arch.model(input_ids=ids, attention_mask=att)
-        except _StopAtHead:
-            out = None
-    bi, ti = pos.nonzero(as_tuple=True)
-    y = lab[bi, ti + 1]
-    if "h" in box:
-        logits = arch.lm_head(box["h"][bi, ti])
-    else:  # a model whose forward never calls the final norm module: fall back to its full logits
-        logits = out.logits[bi, ti]
+    logits, y, bi = supervised_logits(arch, batch)
     nll = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
     sums = torch.zeros(ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, bi, nll)
     counts = pos.sum(1).clamp_min(1).to(nll.dtype)

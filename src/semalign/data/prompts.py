@@ -99,3 +99,25 @@ def batches(tokenizer, examples: list[dict], batch_size: int, *, max_length: int
     rendered = [render_example(tokenizer, e, max_length=max_length, train_on_inputs=train_on_inputs) for e in examples]
     pad = pad_id_of(tokenizer)
     return [collate(rendered[i:i + batch_size], pad) for i in range(0, len(rendered), batch_size)]
+
+
+def budget_batches(tokenizer, examples: list[dict], *, max_examples: int, max_tokens: int, max_length: int = 768,
+                   train_on_inputs: bool = False) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """Length-sorted batches of at most ``max_examples`` examples and ``max_tokens`` padded tokens (a lone longer
+    example gets its own batch). Returns ``(batches, order)``: ``order[j]`` is the input index of the j-th example
+    across the batches, so per-example results can be put back in input order."""
+    rendered = [render_example(tokenizer, e, max_length=max_length, train_on_inputs=train_on_inputs) for e in examples]
+    order = sorted(range(len(rendered)), key=lambda i: (-len(rendered[i]["input_ids"]), i))
+    pad = pad_id_of(tokenizer)
+    out, cur, placed = [], [], []
+    for i in order:
+        width = len(rendered[cur[0]]["input_ids"]) if cur else len(rendered[i]["input_ids"])
+        if cur and (len(cur) >= max_examples or (len(cur) + 1) * width > max_tokens):
+            out.append(collate([rendered[j] for j in cur], pad))
+            placed += cur
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(collate([rendered[j] for j in cur], pad))
+        placed += cur
+    return out, placed

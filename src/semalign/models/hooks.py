@@ -123,3 +123,54 @@ def run_until(arch: Internals, k: int, **forward_kwargs) -> None:
             arch.model(**forward_kwargs)
         except _StopForward:
             pass
+
+
+class _StopAtHead(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _final_norm_output(arch: Internals) -> Iterator[dict]:
+    """Capture the final norm's output and stop the forward there (the LM head then runs only where needed)."""
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _a, out):
+        box["h"] = out
+        raise _StopAtHead
+
+    h = arch.final_norm.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        h.remove()
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions t whose next-token label (t + 1) is supervised."""
+    m = torch.zeros_like(labels, dtype=torch.bool)
+    m[:, :-1] = labels[:, 1:] != -100
+    return m
+
+
+def supervised_logits(arch: Internals, batch: dict[str, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits only at the supervised positions: ``(logits [N, V], next-token targets [N], example index [N])``.
+
+    The forward stops after the final norm and the LM head runs on the gathered positions, so no [B, T, V] tensor
+    is ever made (151,936 x T floats per example on Qwen). A model whose forward never calls its final-norm module
+    falls back to its full logits. The graph stays attached to activations captured by the caller's hooks.
+    """
+    ids, att, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    pos = supervised_positions(lab)
+    out = None
+    with _final_norm_output(arch) as box:
+        try:
+            out = arch.model(input_ids=ids, attention_mask=att)
+        except _StopAtHead:
+            pass
+    bi, ti = pos.nonzero(as_tuple=True)
+    if "h" in box:
+        logits = arch.lm_head(box["h"][bi, ti])
+    else:
+        logits = out.logits[bi, ti]
+    return logits, lab[bi, ti + 1], bi

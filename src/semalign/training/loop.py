@@ -140,17 +140,18 @@ def load_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer, sched
 
 
 def gold_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict:
-    """Mean per-token NLL of the gold answer tokens (labels != -100) over ``batches``."""
+    """Mean per-token NLL of the gold answer tokens (labels != -100) over ``batches``; the LM head runs only at the
+    answer positions (no [B, T, V] logits)."""
+    from ..models.arch import internals
+    from ..models.hooks import supervised_logits
+
+    arch = internals(model)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            lg = logits[:, :-1].float()
-            lab = b["labels"][:, 1:]
-            mask = lab != -100
-            nll = torch.nn.functional.cross_entropy(lg[mask], lab[mask], reduction="sum")
-            total += float(nll)
-            count += int(mask.sum())
+            logits, y, _ = supervised_logits(arch, b)
+            total += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            count += int(y.numel())
     return {"nll": total / max(1, count), "tokens": count}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ...attribution.layers import LayerScores, attribute_layers
-from ...data.prompts import batches
+from ...data.prompts import batches, budget_batches
 from ...errors import SemalignError
 from ...models.arch import Internals
 from ...models.hooks import capture_layers, run_until
@@ -39,8 +39,10 @@ def teacher_attribution(ctx: TransferContext) -> LayerScores:
         return LayerScores.load(path)
     c = ctx.config.semalign
     ex = ctx.splits.extract[: ctx.config.attribution_examples or len(ctx.splits.extract)]
-    bs = batches(ctx.teacher_tokenizer or ctx.tokenizer, ex, c.attribution_batch, max_length=ctx.config.max_length,
-                 train_on_inputs=False)
+    # Batches bounded in padded tokens: backward through a 1.5B teacher in fp32 keeps ~6 MB of activations per
+    # token, so 4 long MMLU examples (768 tokens each) would need ~18 GB.
+    bs, order = budget_batches(ctx.teacher_tokenizer or ctx.tokenizer, ex, max_examples=c.attribution_batch,
+                               max_tokens=c.attribution_batch_tokens, max_length=ctx.config.max_length)
     from rich.progress import Progress
 
     dtype = torch.float32 if c.attribution_dtype == "fp32" else None
@@ -49,6 +51,8 @@ def teacher_attribution(ctx: TransferContext) -> LayerScores:
         scores = attribute_layers(ctx.t_arch, bs, aggregate=c.aggregate, positions=c.attribution_positions,
                                   target=c.attribution_target, dtype=dtype, progress=lambda: prog.advance(t))
     scores.model = ctx.config.teacher
+    back = sorted(range(len(order)), key=lambda j: order[j])  # per-example rows in extract-split order
+    scores.per_example = [scores.per_example[j] for j in back]
     scores.save(path)
     m = scores.margin()
     log.info("attribution (%s, %s, %s): top T%s %.4g, next T%s %.4g, relative margin %.3f", scores.target,
