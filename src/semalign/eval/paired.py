@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -320,3 +321,33 @@ def se_from_ci(ci: Sequence[float | None]) -> float | None:
     if not ci or ci[0] is None or ci[1] is None:
         return None
     return (ci[1] - ci[0]) / (2 * Z95)
+
+
+# --------------------------------------------------------------------------- evaluation folders
+def compare_evaluations(before: str | Path, after: str | Path, teacher: str | Path | None = None, *,
+                        tasks: Sequence[str] | None = None, names: tuple[str, str] = ("before", "after"),
+                        n_boot: int = N_BOOT, seed: int = SEED) -> dict:
+    """:func:`paired_comparison` per task from two (or three) evaluation outputs: a ``results.json`` or the folder
+    holding it, with its ``samples_<task>.jsonl``. ``tasks`` defaults to the tasks both evaluated."""
+    from .results import load_results, load_samples
+
+    ra, rb = load_results(before), load_results(after)
+    rt = load_results(teacher) if teacher is not None else None
+    names_t = [t for t in rb["results"] if t in ra["results"] and (rt is None or t in rt["results"])]
+    out: dict[str, Any] = {}
+    for t in tasks if tasks is not None else names_t:
+        out[t] = paired_comparison(load_samples(before, t), load_samples(after, t),
+                                   load_samples(teacher, t) if teacher is not None else None, n_boot=n_boot,
+                                   seed=seed, names=names)
+        out[t]["metric"] = rb["results"][t].get("primary_metric", "acc")
+    return out
+
+
+def paired_table(paired: Mapping[str, Mapping], *, label: str = "after vs before") -> str:
+    """Markdown: one row per task with :data:`SUMMARY_HEADER` cells."""
+    head = ["Task", "n", label] + SUMMARY_HEADER
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t, d in paired.items():
+        acc = f"{100 * d['acc_a']:.1f} → {100 * d['acc_b']:.1f}"
+        lines.append("| " + " | ".join([t, str(d["n"]), acc] + summary_cells(d)) + " |")
+    return "\n".join(lines)
