@@ -65,7 +65,7 @@ def print_summary(console, summary: dict) -> None:
         console.print(f"layer map: {summary['layer_map']}")
     results = RunDir(run).read_json("results.json")
     console.print(Markdown(nll_table(results.get("nll", {}))))
-    sec = eval_section(results.get("eval", {}))
+    sec = eval_section(results.get("eval", {}), results.get("paired"))
     if sec:
         console.print(Markdown(sec))
     console.print(f"run directory: {run}  (report.md, student/, metrics.jsonl)")

@@ -343,7 +343,7 @@ def compare_evaluations(before: str | Path, after: str | Path, teacher: str | Pa
     return out
 
 
-def paired_table(paired: Mapping[str, Mapping], *, label: str = "after vs before") -> str:
+def paired_table(paired: Mapping[str, Mapping], *, label: str = "acc before → after") -> str:
     """Markdown: one row per task with :data:`SUMMARY_HEADER` cells."""
     head = ["Task", "n", label] + SUMMARY_HEADER
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -351,3 +351,32 @@ def paired_table(paired: Mapping[str, Mapping], *, label: str = "after vs before
         acc = f"{100 * d['acc_a']:.1f} → {100 * d['acc_b']:.1f}"
         lines.append("| " + " | ".join([t, str(d["n"]), acc] + summary_cells(d)) + " |")
     return "\n".join(lines)
+
+
+def transfer_paired(eval_root: str | Path) -> dict:
+    """Paired statistics of a run's ``eval/student_after`` against ``eval/student_before`` (teacher for gap
+    closed); {} when the run evaluated nothing. A failure is logged, never raised: it must not lose a run."""
+    root = Path(eval_root)
+    b, a, t = root / "student_before", root / "student_after", root / "teacher"
+    if not (b / "results.json").is_file() or not (a / "results.json").is_file():
+        return {}
+    try:
+        return compare_evaluations(b, a, t if (t / "results.json").is_file() else None)
+    except SemalignError as exc:
+        log.warning("no paired statistics for %s: %s", root, exc.message)
+        return {}
+
+
+def letter_lines(named: Sequence[tuple[str, Mapping]]) -> list[str]:
+    """``- name: A 5% B 10% C 72% D 13%; letter mass 0.96; prior-corrected acc 33.0`` for MMLU results dicts."""
+    out = []
+    for name, res in named:
+        r = ((res or {}).get("results") or {}).get("mmlu") or {}
+        shares = r.get("pred_shares")
+        if not shares:
+            continue
+        pcs = r.get("acc_prior_corrected")
+        out.append(f"- {name}: predicted " + " ".join(f"{L} {100 * shares.get(L, 0):.0f}%" for L in LETTERS)
+                   + f"; letter mass {r.get('letter_mass_mean', float('nan')):.2f}; raw acc {100 * r['acc']:.1f}"
+                   + ("" if pcs is None else f", prior-corrected {100 * pcs:.1f}"))
+    return out
