@@ -118,7 +118,8 @@ def _evaluate(model, tok, name: str, cfg: RunConfig, tasks: list[str], used: set
 
     if not tasks:
         return {}
-    return evaluate(model, tok, tasks, limit=eval_limits(cfg.eval_limit, tasks), allow_code_execution=cfg.allow_code_execution,
+    return evaluate(model, tok, tasks, limit=eval_limits(cfg.eval_limit, tasks),
+                    allow_code_execution=cfg.allow_code_execution,
                     data_dir=cfg.data_dir, exclude_ids=used, model_name=name, cache_key=cache_key,
                     output_dir=out / "eval" / name, log_samples=True)
 
@@ -176,7 +177,8 @@ def run_compare(cfg: RunConfig, methods: list[str], *, output: str | Path, resum
         t_key = model_content_hash(t_res) if tasks and t_res.kind != "hub" else None
         t_eval = _evaluate(teacher, t_tok, "teacher", cfg, tasks, used, out, t_key)
     rows = [Row("teacher", "teacher", metrics=_primary(t_eval)[0], stderr=_primary(t_eval)[1],
-                letters=_letters(t_eval), eval_seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rs.peak_mb, 1))]
+                letters=_letters(t_eval), eval_seconds=round(time.perf_counter() - t0, 2),
+                peak_rss_mb=round(rs.peak_mb, 1))]
     preloaded = {"teacher": teacher, "teacher_tokenizer": t_tok, "teacher_path": t_res.path}
 
     t0 = time.perf_counter()
@@ -344,7 +346,8 @@ def letters_markdown(rows: list[dict]) -> str:
     rows = [r for r in rows if (r.get("letters") or {}).get("pred_shares")]
     if not rows:
         return ""
-    lines = ["", "**MMLU: knowledge vs format**", "", "| Model | A | B | C | D | letter mass | acc | prior-corrected acc |",
+    lines = ["", "**MMLU: knowledge vs format**", "",
+             "| Model | A | B | C | D | letter mass | acc | prior-corrected acc |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         x = r["letters"]

@@ -402,9 +402,11 @@ def markdown(res: dict) -> str:
             pcs = _pct(lt.get("acc_prior_corrected")) + (f" ({fmt_diff(pc)})" if pc else "")
             cells = [r["name"], r.get("method") or "–", _pct(r["metrics"].get(t), r["stderr"].get(t)),
                      fmt_diff(d), fmt_p((d or {}).get("mcnemar_p")),
-                     "–" if not d or d.get("fixed") is None else f"{d['fixed']}/{d['broken']}", fmt_gap(d) if d else "–"]
+                     "–" if not d or d.get("fixed") is None else f"{d['fixed']}/{d['broken']}",
+                     fmt_gap(d) if d else "–"]
             if ref:
-                cells += [fmt_diff(e), fmt_p((e or {}).get("mcnemar_p"))] if r["name"] != ref else ["(reference)", "–"]
+                cells += ([fmt_diff(e), fmt_p((e or {}).get("mcnemar_p"))] if r["name"] != ref
+                          else ["(reference)", "–"])
             cells += [pcs if lt else "–", "–" if r.get("nll") is None else f"{r['nll']:.4f}",
                       "–" if r.get("wall_seconds") is None or r["kind"] != "row" else f"{r['wall_seconds']:.0f}",
                       r["status"] + (" (reused)" if r.get("reused") else "")
@@ -413,8 +415,9 @@ def markdown(res: dict) -> str:
         parts.append("\n".join(lines))
     if not tasks:
         lines = ["| Row | method | held-out NLL | status |", "|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r.get('method') or '–'} | "
-                  f"{'–' if r.get('nll') is None else format(r['nll'], '.4f')} | {r['status']} |" for r in res["rows"]]
+        for r in res["rows"]:
+            nll = "–" if r.get("nll") is None else format(r["nll"], ".4f")
+            lines.append(f"| {r['name']} | {r.get('method') or '–'} | {nll} | {r['status']} |")
         parts.append("\n".join(lines))
     n = {t: next((r["vs_student"][t]["n"] for r in res["rows"] if t in (r.get("vs_student") or {})), None)
          for t in tasks}
@@ -488,8 +491,8 @@ def write_report(out: Path, res: dict) -> Path:
                     for d in (r.get(k) or {}).values() for w in d.get("warnings", [])})
     if warns:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warns]
-    lines += ["", "## Base configuration", "", "```yaml", yaml.safe_dump(res.get("base") or {}, sort_keys=False).rstrip(),
-              "```", ""]
+    base = yaml.safe_dump(res.get("base") or {}, sort_keys=False).rstrip()
+    lines += ["", "## Base configuration", "", "```yaml", base, "```", ""]
     return _write_both(out, "\n".join(lines), f"semalign sweep {out.name}")
 
 

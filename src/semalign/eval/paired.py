@@ -303,7 +303,8 @@ def summary_cells(d: Mapping | None) -> list[str]:
         return ["–"] * 5
     fb = "–" if d.get("fixed") is None else f"{d['fixed']}/{d['broken']}"
     pc = d.get("prior_corrected")
-    pcs = "–" if not pc else f"{100 * pc['acc_a']:.1f} → {100 * pc['acc_b']:.1f} ({fmt_diff(pc)}, p {fmt_p(pc['mcnemar_p'])})"
+    pcs = "–" if not pc else (f"{100 * pc['acc_a']:.1f} → {100 * pc['acc_b']:.1f} "
+                              f"({fmt_diff(pc)}, p {fmt_p(pc['mcnemar_p'])})")
     return [fmt_diff(d), fmt_p(d.get("mcnemar_p")), fb, fmt_gap(d), pcs]
 
 

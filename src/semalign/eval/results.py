@@ -22,7 +22,7 @@ from ..paths import atomic_write_json, atomic_write_text, cache_dir
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-EVAL_VERSION = "2"  # bump when a change moves scores or adds metrics (invalidates the cache); 2: MMLU letter diagnostics
+EVAL_VERSION = "2"  # bump when a change moves scores or adds metrics (invalidates the cache); 2: MMLU letters
 REQUIRED_KEYS = ("schema_version", "results", "configs", "n-samples", "versions", "config", "date")
 PROTOCOL_NOTE = ("Decoding and prompt settings were chosen by this project (Open-Instruct conventions, spec "
                  "semalign.md §8 item 13); the papers do not report theirs.")
