@@ -94,6 +94,8 @@ class Row:
     run_dir: str | None = None
     error: str | None = None
     gap_closed: dict[str, float | None] = field(default_factory=dict)
+    paired: dict[str, dict] = field(default_factory=dict)  # eval task -> paired statistics vs the student
+    letters: dict[str, Any] = field(default_factory=dict)  # MMLU: predicted-letter shares, letter mass, prior-corr.
 
 
 def _primary(res: dict) -> tuple[dict, dict]:
@@ -104,13 +106,20 @@ def _primary(res: dict) -> tuple[dict, dict]:
     return vals, errs
 
 
+def _letters(res: dict) -> dict:
+    r = ((res or {}).get("results") or {}).get("mmlu") or {}
+    return {k: r[k] for k in ("pred_shares", "letter_mass_mean", "acc", "acc_prior_corrected") if k in r}
+
+
 def _evaluate(model, tok, name: str, cfg: RunConfig, tasks: list[str], used: set[str], out: Path,
               cache_key: str | None) -> dict:
     from .eval import evaluate
+    from .eval.tasks import eval_limits
 
     if not tasks:
         return {}
-    return evaluate(model, tok, tasks, limit=cfg.eval_limit, allow_code_execution=cfg.allow_code_execution,
+    return evaluate(model, tok, tasks, limit=eval_limits(cfg.eval_limit, tasks),
+                    allow_code_execution=cfg.allow_code_execution,
                     data_dir=cfg.data_dir, exclude_ids=used, model_name=name, cache_key=cache_key,
                     output_dir=out / "eval" / name, log_samples=True)
 
@@ -168,7 +177,8 @@ def run_compare(cfg: RunConfig, methods: list[str], *, output: str | Path, resum
         t_key = model_content_hash(t_res) if tasks and t_res.kind != "hub" else None
         t_eval = _evaluate(teacher, t_tok, "teacher", cfg, tasks, used, out, t_key)
     rows = [Row("teacher", "teacher", metrics=_primary(t_eval)[0], stderr=_primary(t_eval)[1],
-                eval_seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rs.peak_mb, 1))]
+                letters=_letters(t_eval), eval_seconds=round(time.perf_counter() - t0, 2),
+                peak_rss_mb=round(rs.peak_mb, 1))]
     preloaded = {"teacher": teacher, "teacher_tokenizer": t_tok, "teacher_path": t_res.path}
 
     t0 = time.perf_counter()
@@ -178,6 +188,7 @@ def run_compare(cfg: RunConfig, methods: list[str], *, output: str | Path, resum
         s_eval = _evaluate(student, s_tok, "student", cfg, tasks, used, out, s_key)
         del student
     rows.append(Row("student", "student", metrics=_primary(s_eval)[0], stderr=_primary(s_eval)[1],
+                    letters=_letters(s_eval),
                     eval_seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rs.peak_mb, 1)))
     gc.collect()
 
@@ -210,6 +221,7 @@ def run_compare(cfg: RunConfig, methods: list[str], *, output: str | Path, resum
                 model, tok, _ = load_model(summary["export"], dtype="fp32", device=cfg.device)
                 res = _evaluate(model, tok, m, cfg, tasks, used, out, summary.get("student_content_hash"))
                 row.metrics, row.stderr = _primary(res)
+                row.letters = _letters(res)
                 row.eval_seconds = round(time.perf_counter() - t1, 2)
                 del model
         except KeyboardInterrupt:
@@ -233,7 +245,11 @@ def _write(out: Path, cfg: RunConfig, methods: list[str], rows: list[Row], nll_r
     for r in rows[2:]:
         r.gap_closed = {k: _gap(v, s.metrics.get(k), t.metrics.get(k)) for k, v in r.metrics.items()}
         r.gap_closed["nll"] = _gap(r.nll, s.nll, t.nll)
+        r.paired = paired_vs(out / "eval", r.name, "student") if r.status == "completed" else {}
+    from .eval.tasks import eval_limits
+
     res = {"task": cfg.task, "methods": methods, "eval_tasks": cfg.eval_task_list(), "eval_limit": cfg.eval_limit,
+           "eval_limits": eval_limits(cfg.eval_limit, cfg.eval_task_list()),
            "steps": cfg.steps, "seed": cfg.seed, "teacher": cfg.teacher, "student": cfg.student,
            "dtype": cfg.dtype, "teacher_dtype": teacher_dtype or cfg.dtype,
            "splits": {k: len(v) for k, v in splits.items()}, "split_source": splits.source,
@@ -250,6 +266,39 @@ def _write(out: Path, cfg: RunConfig, methods: list[str], rows: list[Row], nll_r
     except Exception as e:  # noqa: BLE001 - the report is a view of results.json, never a reason to lose the run
         log.warning("could not write compare/report.md: %s", e)
     return res
+
+
+def paired_vs(eval_root: Path, name: str, base: str, teacher: str | None = "teacher") -> dict:
+    """Paired statistics of ``eval_root/name`` against ``eval_root/base`` (gap closed toward ``teacher``);
+    {} when either lacks results, with the reason logged."""
+    from .eval.paired import compare_evaluations
+
+    a, b = eval_root / base, eval_root / name
+    if not (a / "results.json").is_file() or not (b / "results.json").is_file():
+        return {}
+    tdir = eval_root / teacher if teacher else None
+    try:
+        return compare_evaluations(a, b, tdir if tdir is not None and (tdir / "results.json").is_file() else None,
+                                   names=(base, name))
+    except SemalignError as exc:
+        log.warning("no paired statistics for %s vs %s: %s", name, base, exc.message)
+        return {}
+
+
+def paired_markdown(rows: list[dict], tasks: list[str], base: str = "student", key: str = "paired") -> str:
+    """One line per (row, task) with paired statistics against ``base``."""
+    from .eval.paired import SUMMARY_HEADER, summary_cells
+
+    head = ["Model", "task", "n", f"acc {base} → model"] + SUMMARY_HEADER
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        for t in tasks:
+            d = (r.get(key) or {}).get(t)
+            if not d:
+                continue
+            acc = f"{100 * d['acc_a']:.1f} → {100 * d['acc_b']:.1f}"
+            lines.append("| " + " | ".join([r["name"], t, str(d["n"]), acc] + summary_cells(d)) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -277,12 +326,38 @@ def markdown(res: dict) -> str:
                     ("–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb'] / 1024:.1f}"),
                     r["status"] + (f" ({r['error'][:80]})" if r.get("error") else "")])
         lines.append("| " + " | ".join(cells) + " |")
+    limits = res.get("eval_limits") or res.get("eval_limit")
     notes = [f"Task `{res['task']}`; teacher `{res['teacher']}`, student `{res['student']}`; seed {res['seed']}; "
-             f"steps {res['steps'] or 'method default'}; eval limit {res['eval_limit']}; splits {res['splits']}.",
+             f"steps {res['steps'] or 'method default'}; eval limit {limits}; splits {res['splits']}.",
              "Gap closed = (method - student) / (teacher - student) in every column (NLL included): moving "
              "toward the teacher is positive. Transfer s / peak RSS: the method's `run_transfer` (RSS includes the "
              "shared resident teacher); eval s: the harness on the exported model (teacher/student: load + eval)."]
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    out = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    pm = paired_markdown(res["rows"], tasks)
+    if pm:
+        from .eval.paired import NOTE
+
+        out += "\n**Paired against the untouched student (same questions)**\n\n" + pm + "\n" + NOTE + "\n"
+    return out + letters_markdown(res["rows"])
+
+
+def letters_markdown(rows: list[dict]) -> str:
+    """MMLU knowledge vs format: predicted-letter shares, letter mass, raw and prior-corrected accuracy per row."""
+    rows = [r for r in rows if (r.get("letters") or {}).get("pred_shares")]
+    if not rows:
+        return ""
+    lines = ["", "**MMLU: knowledge vs format**", "",
+             "| Model | A | B | C | D | letter mass | acc | prior-corrected acc |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        x = r["letters"]
+        sh = x["pred_shares"]
+        lines.append(f"| {r['name']} | " + " | ".join(f"{100 * sh.get(L, 0):.0f}%" for L in "ABCD")
+                     + f" | {x.get('letter_mass_mean', float('nan')):.2f} | {_pct(x.get('acc'))} | "
+                     f"{_pct(x.get('acc_prior_corrected'))} |")
+    lines.append("")
+    lines.append("Predicted-letter shares; prior-corrected = contextual calibration over the evaluated questions.")
+    return "\n".join(lines) + "\n"
 
 
 def bar_plot(res: dict, path: Path) -> None:

@@ -60,14 +60,26 @@ def nll_table(nll: dict) -> str:
             f"Gap closed (after - before) / (teacher - before): {gap}\n")
 
 
-def eval_section(evals: dict) -> str:
+def eval_section(evals: dict, paired: dict | None = None) -> str:
+    """Benchmarks: the teacher/before/after table, then (when per-question records were compared) the paired
+    statistics of after vs before and the MMLU letter diagnostics."""
     if not evals or not any(evals.values()):
         return ""
     try:
         from .eval import compare_table
+        from .eval.paired import NOTE, letter_lines, paired_table
 
         md, _ = compare_table(evals.get("teacher", {}), evals.get("student_before", {}), evals.get("student_after", {}))
-        return "## Benchmarks\n\n" + md + "\n"
+        out = "## Benchmarks\n\n" + md + "\n"
+        if paired:
+            out += "\n### Paired: student after vs before (same questions)\n\n" + paired_table(paired) + "\n\n"
+            out += NOTE + "\n"
+            out += "".join(f"\n> {t}: {w}\n" for t, d in paired.items() for w in d.get("warnings", []))
+        letters = letter_lines([("teacher", evals.get("teacher")), ("student before", evals.get("student_before")),
+                                ("student after", evals.get("student_after"))])
+        if letters:
+            out += "\n### MMLU: knowledge vs format\n\n" + "\n".join(letters) + "\n"
+        return out
     except Exception as exc:  # noqa: BLE001 - a report must still be written
         log.warning("could not render the evaluation table: %s", exc)
         return ""
@@ -187,7 +199,7 @@ def write_run_report(run: RunDir, cfg: RunConfig, summary: dict, results: dict) 
     lines += ["## Held-out NLL", "", nll_table(results.get("nll", {}))]
     if run.path("plots", "loss.png").is_file():
         lines += ["## Training", "", "![loss](plots/loss.png)", ""]
-    lines.append(eval_section(results.get("eval", {})))
+    lines.append(eval_section(results.get("eval", {}), results.get("paired")))
     rt = summary.get("roundtrip", {})
     lines += ["## Export", "", f"Merged student: `student/` (reloads with `AutoModelForCausalLM.from_pretrained`; "
               f"max |logit diff| vs in-memory = {rt.get('max_abs_logit_diff', 'n/a')})", "",

@@ -217,7 +217,10 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                         {k: round(v, 2) for k, v in timings.items()},
                         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                         "student_source": s_res.display_name})
-        results = {"nll": nll, "eval": evals, "precision": summary["precision"]}
+        from .eval.paired import transfer_paired
+
+        results = {"nll": nll, "eval": evals, "precision": summary["precision"],
+                   "paired": transfer_paired(run.path("eval"))}
         run.write_json("results.json", results)
         from .report import write_run_report
 

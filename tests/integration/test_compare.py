@@ -93,3 +93,17 @@ def test_helpers():
                 "gap_closed": {"mmlu": None}}]}
     md = markdown(res)
     assert "70.0 ± 10.0" in md and "failed (boom)" in md
+
+
+def test_compare_paired_statistics(tiny_dirs, eval_data_dir, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(_args(tiny_dirs, eval_data_dir, out, "lora-sft")) == 0
+    res = json.loads((out / "compare" / "results.json").read_text())
+    assert res["eval_limits"] == {"mmlu": 6}
+    row = res["rows"][-1]
+    p = row["paired"]["mmlu"]
+    assert p["n"] == 6 and 0 <= p["mcnemar_p"] <= 1 and "gap_closed_ci95" in p and "prior_corrected" in p
+    assert set(row["letters"]["pred_shares"]) == set("ABCD")
+    table = (out / "compare" / "table.md").read_text()
+    assert "Paired against the untouched student" in table and "McNemar p" in table
+    assert "knowledge vs format" in table and "prior-corrected" in table

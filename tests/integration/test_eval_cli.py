@@ -86,3 +86,27 @@ def test_exclude_ids_file_formats(tmp_path):
     assert _read_ids(tmp_path / "c.json") == {"t1", "a1"}
     assert _read_ids(tmp_path / "d.txt") == {"mbpp-248", "mbpp-427"}
     assert _read_ids(None) is None
+
+
+def test_eval_baseline_paired(model_dir, tmp_path, capsys):
+    base = tmp_path / "base"
+    common = ["eval", "--model", str(model_dir), "--tasks", "mmlu", "--data-dir", str(FIXTURES), "--limit", "8",
+              "--no-progress", "-q"]
+    assert _run(common + ["--output", str(base)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "new"
+    assert _run(common + ["--output", str(out), "--baseline", str(base / "results.json"),
+                          "--teacher-results", str(base)]) == 0
+    printed = capsys.readouterr().out
+    assert "McNemar p" in printed and "prior-corrected" in printed and "MMLU letters" in printed
+    p = json.loads((out / "results.json").read_text())["paired"]
+    assert p["baseline"].endswith("results.json") and p["mmlu"]["n"] == 8 and p["mmlu"]["diff"] == 0
+    assert p["mmlu"]["mcnemar_p"] == 1.0
+    # without --output the paired table is still printed
+    assert _run(common + ["--baseline", str(base)]) == 0
+    assert "McNemar p" in capsys.readouterr().out
+    # a baseline without per-question records: one-line error before any model is loaded
+    (base / "samples_mmlu.jsonl").unlink()
+    assert _run(common + ["--baseline", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "no per-question records for mmlu" in err and len(err.strip().splitlines()) == 1

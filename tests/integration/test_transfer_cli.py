@@ -113,3 +113,9 @@ def test_transfer_with_benchmark_table(tiny_dirs, tmp_path, capsys, monkeypatch)
     assert "gap closed" in report.lower() and "gap closed" in printed.lower()
     for who in ("teacher", "student_before", "student_after"):
         assert (out / "eval" / who / "results.json").is_file()
+    # paired statistics of after vs before on the same questions, in results.json, report and the printout
+    p = results["paired"]["mmlu"]
+    assert p["n"] == 4 and p["fixed"] + p["broken"] + p["both_correct"] + p["both_wrong"] == 4
+    assert 0 <= p["mcnemar_p"] <= 1 and len(p["ci95"]) == 2 and "prior_corrected" in p
+    assert "McNemar p" in report and "prior-corrected" in report and "knowledge vs format" in report
+    assert "McNemar p" in printed

@@ -152,3 +152,51 @@ def test_local_file_formats(tmp_path):
     (tmp_path / "mmlu" / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs, src = mmlu.load_records(tmp_path)
     assert len(recs) == 1 and recs[0]["answer"] == 2 and recs[0]["id"] == "mmlu-test-00000"
+
+
+def test_stratified_subset_above_57k_excludes_training_ids(monkeypatch):
+    """1,000 of 57 uneven subjects: exact size, no duplicates, even spread, training ids never drawn."""
+    import random
+
+    rng = random.Random(0)
+    docs = []
+    for s in range(57):
+        for q in range(rng.randint(10, 60) if s % 7 else 12):
+            docs.append({"id": f"mmlu-test-{len(docs):05d}", "subject": f"s{s:02d}", "question": f"Q{q}?",
+                         "choices": ["w", "x", "y", "z"], "answer": q % 4})
+    train = frozenset(d["id"] for d in docs[::5])
+    monkeypatch.setattr(mmlu, "load_records", lambda data_dir: (docs, "fixture"))
+    for limit in (1000, 57 * 18 + 5):
+        prep = mmlu.prepare(EvalOptions(exclude_ids=train, limit=limit, seed=7))
+        ids = [d["id"] for d in prep.docs]
+        assert len(ids) == limit == len(set(ids)) and not set(ids) & train
+        per = Counter(d["subject"] for d in prep.docs)
+        avail = Counter(d["subject"] for d in docs if d["id"] not in train)
+        # each subject gets its even share, or all it has when it has fewer
+        floor = min(limit // 57, min(avail.values()))
+        assert all(per[s] >= min(floor, avail[s]) for s in avail)
+        assert all(per[s] == avail[s] or per[s] >= floor for s in avail)
+
+
+def test_execute_reports_letter_diagnostics(tok):
+    target = encode(tok, "C")
+    model = _prefer(tiny_model(tokenizer=tok), target, strength=5.0)
+    docs = _docs(2, 4)
+    prep = mmlu.Prepared(docs, "fixture", len(docs), 0, {})
+    out = mmlu.execute(model, tok, prep, EvalOptions(chat_format="tokenizer"), _NoProgress())
+    m = out.metrics
+    assert m["pred_shares"]["C"] == 1.0 and 0 <= m["acc_prior_corrected"] <= 1
+    assert "acc_prior_corrected_stderr" in m
+    letters = out.breakdown["letters"]
+    assert letters["pred_counts"]["C"] == len(docs) and set(letters["letter_prior"]) == set("ABCD")
+    for s in out.samples:
+        assert set(s["logprobs"]) == set("ABCD") and s["pred_prior_corrected"] in "ABCD"
+        assert s["correct_prior_corrected"] == (s["pred_prior_corrected"] == s["target"])
+
+
+class _NoProgress:
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar(self, name, total):
+        yield lambda k=1: None

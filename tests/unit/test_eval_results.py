@@ -121,3 +121,25 @@ def test_report_section_states_settings_and_mismatches():
     same = write_report_section(t, b, _res({"mmlu": ("acc", 0.4)}, limit=285))
     assert "differs" not in same
     check_schema(t)
+
+
+def test_per_task_limits_and_sample_lookup(pair, tmp_path, cache):
+    from semalign.eval.results import load_samples
+    from semalign.eval.tasks import eval_limits
+
+    assert eval_limits(None, ["mmlu", "gsm8k", "humaneval"]) == {"mmlu": 1000, "gsm8k": 200, "humaneval": None}
+    assert eval_limits(5, ["mmlu", "gsm8k"]) == {"mmlu": 5, "gsm8k": 5}
+    model, tok = pair
+    out = tmp_path / "lim"
+    res = evaluate(model, tok, "mmlu,gsm8k", data_dir=FIXTURES, max_new_tokens=2, output_dir=out, progress=False,
+                   limit={"mmlu": 6, "gsm8k": 2})
+    assert res["results"]["mmlu"]["n"] == 6 and res["results"]["gsm8k"]["n"] == 2
+    assert res["configs"]["mmlu"]["limit"] == 6 and res["config"]["limit"] == {"mmlu": 6, "gsm8k": 2}
+    assert res["samples_files"] == {"mmlu": "samples_mmlu.jsonl", "gsm8k": "samples_gsm8k.jsonl"}
+    assert "acc_prior_corrected" in res["results"]["mmlu"] and "letters" in res["breakdown"]["mmlu"]
+    assert len(load_samples(out / "results.json", "mmlu")) == 6 and len(load_samples(out, "gsm8k")) == 2
+    with pytest.raises(SemalignError, match="no humaneval results"):
+        load_samples(out, "humaneval")
+    (out / "samples_mmlu.jsonl").unlink()
+    with pytest.raises(SemalignError, match="no per-question records for mmlu"):
+        load_samples(out, "mmlu")

@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
         methods: str = typer.Option("semalign,seeking,laten,lora-sft,logit-kd", help="comma-separated methods"),
         eval_tasks: Optional[str] = typer.Option(None, help="comma-separated benchmarks (default: --task; "
                                                  "'none' for held-out NLL only)"),
-        eval_limit: Optional[int] = typer.Option(None, min=1, help="examples per benchmark"),
+        eval_limit: Optional[int] = typer.Option(None, min=1, help="examples per benchmark (default: 1000 stratified "
+                                                 "MMLU questions, 200 GSM8K problems, all HumanEval/MBPP)"),
         steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps for every method "
                                             "(default: each method's own budget)"),
         data_dir: Optional[str] = typer.Option(None, help="folder with protocol splits (pkt-splits layout)"),

@@ -17,6 +17,7 @@ EPILOG = """\b
 Examples:
   semalign eval --model qwen2.5-coder-0.5b-instruct --tasks mmlu --limit 285
   semalign eval --model runs/x --tasks gsm8k --data-dir ../shared/data --output runs/x/eval
+  semalign eval --model runs/x --tasks mmlu --limit 1000 --baseline runs/base/eval/results.json
   semalign eval --model qwen2.5-coder-1.5b-instruct --tasks humaneval,mbpp --allow-code-execution \\
       --data-dir ../shared/data --n-samples 20 --temperature 0.1
 """
@@ -93,6 +94,10 @@ def eval_cmd(
     exclude_ids: Optional[Path] = typer.Option(None, "--exclude-ids", help="ids used for training (JSON list, "
                                                "splits manifest or one per line); never evaluated"),
     exec_timeout: float = typer.Option(10.0, "--exec-timeout", help="seconds per generated program"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="results.json (or its folder) of another "
+                                            "evaluation of the same questions: print paired statistics against it"),
+    teacher_results: Optional[Path] = typer.Option(None, "--teacher-results", help="with --baseline: a teacher's "
+                                                   "results.json, for gap closed"),
     log_samples: bool = typer.Option(True, "--log-samples/--no-log-samples"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse results cached for the same model hash and "
                                "settings"),
@@ -109,6 +114,16 @@ def eval_cmd(
     from ..eval.tasks import EVAL_TASKS
 
     names = parse_tasks(tasks)
+    if teacher_results is not None and baseline is None:
+        raise SemalignError("--teacher-results needs --baseline (gap closed is measured from the baseline)")
+    if baseline is not None:
+        if not log_samples:
+            raise SemalignError("--baseline compares per question; drop --no-log-samples")
+        from ..eval.results import load_samples
+
+        for ref in (baseline, teacher_results):
+            for n in names if ref is not None else ():
+                load_samples(ref, n)  # refuse before loading a model when a side lacks per-question records
     code = [n for n in names if EVAL_TASKS.get(n).needs_execution]
     if code:
         require_opt_in(allow_code_execution, code)  # refuse before loading a model
@@ -119,10 +134,18 @@ def eval_cmd(
             raise SemalignError(f"--threads must be >= 1 (got {threads})")
         torch.set_num_threads(threads)
     m, tok, resolved = _load(model, dtype, device)
+    tmp = None
+    if baseline is not None and output is None:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="semalign-eval-")
+        output_dir = Path(tmp.name)
+    else:
+        output_dir = output
     mhash = _model_hash(resolved)
     res = evaluate(m, tok, names, limit=limit, batch_size=batch_size, allow_code_execution=allow_code_execution,
                    data_dir=data_dir, seed=seed, num_fewshot=num_fewshot, exclude_ids=_read_ids(exclude_ids),
-                   output_dir=output, log_samples=log_samples, model_name=getattr(resolved, "display_name", model),
+                   output_dir=output_dir, log_samples=log_samples, model_name=getattr(resolved, "display_name", model),
                    progress=progress and not quiet, cache_key=mhash if cache else None, model_hash=mhash,
                    chat_format=chat_format, max_new_tokens=max_new_tokens, n_samples=n_samples,
                    temperature=temperature, mbpp_set=mbpp_set, code_answer_prefix=code_answer_prefix,
@@ -132,6 +155,27 @@ def eval_cmd(
     typer.echo(f"\n**{res['config']['model']}** ({res['config']['dtype']}, {res['config']['chat_format']} chat "
                f"format, seed {seed})\n")
     typer.echo(markdown_table(res))
+    if baseline is not None:
+        from ..eval.paired import NOTE, compare_evaluations, letter_lines, paired_table
+        from ..eval.results import load_results
+        from ..paths import atomic_write_json
+
+        paired = compare_evaluations(baseline, output_dir, teacher_results, tasks=names, names=("baseline", "model"))
+        res["paired"] = {"baseline": str(baseline), "teacher": str(teacher_results) if teacher_results else None,
+                         **paired}
+        typer.echo(f"\nPaired against {baseline}:\n")
+        typer.echo(paired_table(paired, label="acc baseline → model"))
+        for t, d in paired.items():
+            for w in d.get("warnings", []):
+                typer.echo(f"warning: {t}: {w}")
+        lines = letter_lines([("baseline", load_results(baseline)), ("model", res)])
+        if lines:
+            typer.echo("\nMMLU letters:\n" + "\n".join(lines))
+        typer.echo("\n" + NOTE)
+        if output is not None:
+            atomic_write_json(Path(output) / "results.json", res)
+    if tmp is not None:
+        tmp.cleanup()
     if output is not None:
         typer.echo(f"\nresults: {Path(output) / 'results.json'}")
 

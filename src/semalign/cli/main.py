@@ -1,4 +1,4 @@
-"""``semalign`` command line: transfer, eval, compare, analyze, assets, ls, env.
+"""``semalign`` command line: transfer, eval, compare, sweep, analyze, assets, ls, env.
 
 Errors a user can fix print one line (``error: ...``) and exit 2; no tracebacks (``-v`` shows them).
 """
@@ -128,7 +128,8 @@ def _register_optional() -> None:
     """Commands contributed by other modules (each exposes ``register(app)``)."""
     import importlib
 
-    for mod in ("semalign.cli.eval_cmd", "semalign.cli.compare_cmd", "semalign.cli.analyze_cmd"):
+    for mod in ("semalign.cli.eval_cmd", "semalign.cli.compare_cmd", "semalign.cli.sweep_cmd",
+                "semalign.cli.analyze_cmd"):
         try:
             importlib.import_module(mod).register(app)
         except ModuleNotFoundError as exc:

@@ -76,7 +76,7 @@ def print_summary(console, summary: dict) -> None:
                       f"{prec.get('compute')}")
     results = RunDir(run).read_json("results.json")
     console.print(Markdown(nll_table(results.get("nll", {}))))
-    sec = eval_section(results.get("eval", {}))
+    sec = eval_section(results.get("eval", {}), results.get("paired"))
     if sec:
         console.print(Markdown(sec))
     console.print(f"run directory: {run}  (report.md, student/, metrics.jsonl)")

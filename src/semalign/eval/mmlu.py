@@ -14,6 +14,13 @@ with or without a leading space; ``letter_aggregation="max"`` takes the best var
 the best-scoring letter. ``letter_mass`` (the total probability on the letter variants) is reported as a
 diagnostic: when it is low the prompt is not doing its job.
 
+Knowledge vs format: a small model can score above chance by favouring one letter. Results therefore also carry
+the predicted-letter distribution (``pred_shares``; counts under ``breakdown.mmlu.letters``) and
+``acc_prior_corrected``: contextual calibration over the evaluated set (each question's four letter scores are
+renormalised over A-D, each letter's mean normalised log-prob is subtracted, then the argmax is taken; see
+:func:`semalign.eval.paired.prior_corrected`). Each per-question record keeps the four letter log-probs so this
+can be recomputed on any subset.
+
 k-shot (``num_fewshot``): k exemplars per subject, drawn with a seed from that subject's questions and held out of
 the evaluated set, prepended in the same question format with their answers (Open-Instruct's layout).
 ``limit``: a stratified subset, the same number of questions per subject (seeded).
@@ -33,7 +40,7 @@ import torch
 from ..data import sources
 from ..data.prompts import pad_id_of
 from ..errors import SemalignError
-from . import stats
+from . import paired, stats
 from .generate import forward_last, left_pad, model_device
 from .prompting import encode, render
 from .tasks import EVAL_TASKS, EvalOptions, EvalTask, Prepared, TaskOutput, exclude, stable_seed
@@ -280,8 +287,15 @@ def execute(model, tokenizer, prep: Prepared, opts: EvalOptions, progress) -> Ta
     metrics["acc_macro"] = round(sum(v["acc"] for v in subj.values()) / len(subj), 6) if subj else None
     metrics["n_subjects"] = len(subj)
     metrics["letter_mass_mean"] = round(sum(s["letter_mass"] for s in samples) / n, 6) if n else None
+    letters = paired.letter_diagnostics(samples)
+    if n:
+        pc = paired.prior_corrected([s["logprobs"] for s in samples], [s["target"] for s in samples])
+        for s, p, ok in zip(samples, pc["preds"], pc["correct"]):
+            s["pred_prior_corrected"], s["correct_prior_corrected"] = p, ok
+        stats.put(metrics, "acc_prior_corrected", stats.binomial(sum(pc["correct"]), n))
+        metrics["pred_shares"] = letters["pred_shares"]
     bs = opts.batch_size if opts.batch_size not in (None, 0) else "auto"
-    return TaskOutput(metrics, samples, breakdown={"per_subject": subj},
+    return TaskOutput(metrics, samples, breakdown={"per_subject": subj, "letters": letters},
                       settings={"batch_size": bs, "batching": "length-sorted, left-padded"})
 
 

@@ -22,7 +22,7 @@ from ..paths import atomic_write_json, atomic_write_text, cache_dir
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-EVAL_VERSION = "1"  # bump when a change moves scores (invalidates the cache)
+EVAL_VERSION = "2"  # bump when a change moves scores or adds metrics (invalidates the cache); 2: MMLU letters
 REQUIRED_KEYS = ("schema_version", "results", "configs", "n-samples", "versions", "config", "date")
 PROTOCOL_NOTE = ("Decoding and prompt settings were chosen by this project (Open-Instruct conventions, spec "
                  "semalign.md §8 item 13); the papers do not report theirs.")
@@ -60,6 +60,24 @@ def load_results(path: str | Path) -> dict:
                             "first") from None
 
 
+def load_samples(path: str | Path, task: str) -> list[dict]:
+    """The per-question records of ``task`` written next to a results.json (``path``: the file or its folder)."""
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    res = load_results(p)
+    if task not in res["results"]:
+        raise SemalignError(f"{p} has no {task} results (it has {', '.join(res['results']) or 'none'}); evaluate "
+                            f"the same tasks on both sides")
+    f = p.parent / (res.get("samples_files") or {}).get(task, f"samples_{task}.jsonl")
+    if not f.is_file():
+        raise SemalignError(f"{p} has no per-question records for {task} ({f.name} is missing); re-run that "
+                            "evaluation with --output and --log-samples to compare per question")
+    try:
+        return [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        raise SemalignError(f"{f} is not JSON lines; re-run that evaluation") from None
+
+
 def primary(res: dict, task: str) -> tuple[str, float | None]:
     r = res["results"][task]
     m = r.get("primary_metric", "acc")
@@ -70,6 +88,8 @@ def primary(res: dict, task: str) -> tuple[str, float | None]:
 def write_outputs(res: dict, samples: dict[str, list[dict]], output_dir: str | Path, *, log_samples: bool) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if log_samples:
+        res["samples_files"] = {task: f"samples_{task}.jsonl" for task in samples}
     atomic_write_json(out / "results.json", res)
     if log_samples:
         for task, rows in samples.items():
@@ -94,7 +114,7 @@ def markdown_table(res: dict) -> str:
         ci_s = f"{_fmt(ci[0])}–{_fmt(ci[1])}" if ci[0] is not None else "–"
         lines.append(f"| {task} | {m} | {_fmt(r.get(m))} | {_fmt(r.get(f'{m}_stderr'))} | {ci_s} | {r.get('n')} | "
                      f"{r.get('n_excluded', 0)} | {r.get('wall_time_s', 0):.0f} |")
-        for k in ("acc_macro", "exact_match_strict"):
+        for k in ("acc_macro", "acc_prior_corrected", "exact_match_strict"):
             if k in r:
                 lines.append(f"| {task} | {k} | {_fmt(r[k])} | {_fmt(r.get(f'{k}_stderr'))} | | {r.get('n')} | | |")
         for k in sorted(r):

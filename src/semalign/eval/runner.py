@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -34,7 +35,8 @@ def _model_info(model) -> dict:
             "name_or_path": getattr(cfg, "_name_or_path", None), "dtype": dtype, "device": device}
 
 
-def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *, limit: int | None = None,
+def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *,
+             limit: int | Mapping[str, int | None] | None = None,
              batch_size: int | str = "auto", allow_code_execution: bool = False,
              data_dir: str | Path | None = None, seed: int = 1234, num_fewshot: int = 0,
              exclude_ids: Iterable[str] | None = None, output_dir: str | Path | None = None,
@@ -51,7 +53,8 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *, limit:
     ``results.json`` and, with ``log_samples``, ``samples_<task>.jsonl``. ``exclude_ids`` are example ids used for
     training (never evaluated; counted as ``n_excluded``). ``cache_key`` (e.g. the model's content hash) enables the
     result cache under ``cache_dir()/eval-cache/``; without it nothing is cached, because a live model may differ
-    from any files it was loaded from. Code tasks need ``allow_code_execution=True``.
+    from any files it was loaded from. Code tasks need ``allow_code_execution=True``. ``limit`` is one number for
+    every task or a mapping task -> limit (see :func:`semalign.eval.tasks.eval_limits`).
     """
     names = parse_tasks(tasks)
     code_tasks = [n for n in names if EVAL_TASKS.get(n).needs_execution]
@@ -69,7 +72,8 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *, limit:
     if ddir is not None and not ddir.is_dir():
         raise SemalignError(f"--data-dir {ddir} is not a directory")
     fmt = resolve_chat_format(tokenizer, chat_format)
-    opts = EvalOptions(limit=limit, batch_size=batch_size, seed=seed, num_fewshot=num_fewshot, data_dir=ddir,
+    limits = dict(limit) if isinstance(limit, Mapping) else dict.fromkeys(names, limit)
+    opts = EvalOptions(limit=None, batch_size=batch_size, seed=seed, num_fewshot=num_fewshot, data_dir=ddir,
                        exclude_ids=frozenset(str(i) for i in (exclude_ids or ())), chat_format=fmt,
                        format_info=format_info(tokenizer, fmt), max_new_tokens=max_new_tokens, n_samples=n_samples,
                        temperature=temperature, top_p=top_p, mbpp_set=mbpp_set,
@@ -88,6 +92,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *, limit:
     with Progress(progress) as prog:
         for tname in names:
             task = EVAL_TASKS.get(tname)
+            opts = dataclasses.replace(opts, limit=limits.get(tname))
             prep = task.prepare(opts)
             settings = {**prep.settings, **opts.format_info, "seed": seed, "dtype": minfo["dtype"],
                         "source": prep.source, "data_sha256": prep.data_digest()[:16], "n": len(prep.docs),
@@ -96,7 +101,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *, limit:
                 settings["exec_python"] = exec_runner()[0]
             if not prep.docs:
                 raise SemalignError(f"{tname}: nothing left to evaluate after excluding {prep.n_excluded} ids and "
-                                    f"--limit {limit}; check --exclude-ids / --limit")
+                                    f"--limit {opts.limit}; check --exclude-ids / --limit")
             cached = None
             cpath = None
             if cache_key:
@@ -139,7 +144,8 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *, limit:
             log.info("%s: %s = %s (n = %d, %.0f s)", tname, m, out_result.get(m), len(prep.docs),
                      out_result.get("wall_time_s", 0))
     res["config"] = {"model": name, "model_hash": model_hash or cache_key, **minfo,
-                     "batch_size": batch_size, "seed": seed, "limit": limit, "num_fewshot": num_fewshot,
+                     "batch_size": batch_size, "seed": seed, "num_fewshot": num_fewshot,
+                     "limit": dict(limit) if isinstance(limit, Mapping) else limit,
                      **opts.format_info, "allow_code_execution": allow_code_execution,
                      "n_exclude_ids": len(opts.exclude_ids), "cache_key": cache_key, "eval_version": EVAL_VERSION,
                      "torch_threads": torch.get_num_threads(), **(extra_config or {})}

@@ -101,6 +101,16 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     return out
 
 
+# Comparison and sweep defaults: large enough that a paired test can see a few points (docs/evaluation.md).
+COMPARISON_LIMITS = {"mmlu": 1000, "gsm8k": 200}
+
+
+def eval_limits(limit: int | None, tasks: Iterable[str]) -> dict[str, int | None]:
+    """Per-task example limits: ``limit`` for every task when given, else :data:`COMPARISON_LIMITS` (MMLU 1,000
+    stratified questions, GSM8K 200; other tasks all of them)."""
+    return {t: limit if limit is not None else COMPARISON_LIMITS.get(t) for t in tasks}
+
+
 def exclude(docs: list[dict], ids: frozenset[str], key: str = "id") -> tuple[list[dict], int]:
     """Drop documents whose ``key`` is in ``ids``; returns (kept, number dropped)."""
     if not ids:
