@@ -43,7 +43,17 @@ class SemAlignConfig(Section):
     depth_exact: bool = Field(False, description="interpolate the teacher target at the exact student depth (§2.3)")
     fold_final_norm: bool = Field(False, description="fold the final-norm gain into the LM head before pinv (§8.6)")
     rcond: float = Field(1e-6, gt=0, description="relative singular-value cutoff of the pseudo-inverse")
-    trainable: Literal["lora", "full"] = Field("lora", description="LoRA on the paired layer(s) or the full layer")
+    trainable: Literal["lora", "full", "lora_above", "full_above"] = Field(
+        "lora", description="what trains: LoRA on the paired layer(s) (paper), the full paired layer(s), or LoRA / "
+        "full weights on every layer from the lowest paired one up")
+    map: Literal["closed_form", "ridge", "random_orthogonal"] = Field(
+        "closed_form", description="teacher->student map: the paper's closed-form M = S_S S_T^T; ridge: a linear map "
+        "fitted on paired teacher/student states of the extract split (beyond the paper); random_orthogonal: a "
+        "seeded semi-orthogonal control that must not help")
+    ridge_lambda: float = Field(1e-2, gt=0, allow_inf_nan=False,
+                                description="ridge penalty, relative to the mean eigenvalue of the teacher Gram")
+    output_loss: Literal["cos_label", "ce"] = Field(
+        "cos_label", description="output term: the paper's 1 - cos(z, one-hot) or cross-entropy, on response tokens")
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -168,6 +178,12 @@ class RunConfig(Section):
         "10 percent of the steps when there are >= 10, then constant: every configured step gets a useful LR), onecycle "
         "(LaTen's; decays to ~0 on its last step, so it wastes short runs), constant, cosine")
     max_length: int = Field(768, ge=8, description="token cutoff per example")
+    train_on_inputs: Optional[bool] = Field(
+        None, description="put prompt tokens in the post-training loss (default: the task's protocol setting, "
+        "MMLU yes); SemAlign's attribution and output term always use response tokens")
+    train_pool: Literal["train", "extract_align"] = Field(
+        "train", description="examples the post-training controls (lora-sft, logit-kd) draw from: the train split, "
+        "or the extract + align pool SemAlign uses (the same data for a like-for-like comparison)")
     attribution_examples: Optional[int] = Field(None, ge=1, description="extract examples used for attribution (default: all)")
     nll_examples: int = Field(32, ge=0, description="held-out examples for the before/after gold-answer NLL")
     eval_tasks: str = Field("", description="comma-separated benchmarks evaluated before/after (empty: none)")

@@ -122,6 +122,10 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     out, method = validate(cfg, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)
     task = get_task(cfg.task)
+    if cfg.train_on_inputs is not None:  # the post-training loss with/without prompt tokens (protocol default: task's)
+        import dataclasses
+
+        task = dataclasses.replace(task, train_on_inputs=cfg.train_on_inputs)
     splits = build_splits(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed)
     preloaded = preloaded or {}
     timings: dict[str, float] = {}

@@ -79,12 +79,21 @@ def make_lora(model: torch.nn.Module, targets: list[str], *, rank: int, alpha: f
     return get_peft_model(model, cfg, autocast_adapter_dtype=True)
 
 
+def train_pool(ctx: TransferContext) -> list[dict]:
+    """The examples post-training draws from: the train split, or (``--train-pool extract_align``) the extract +
+    align pool SemAlign trains on, for a comparison at the same data."""
+    if ctx.config.train_pool == "extract_align":
+        return list(ctx.splits.extract) + list(ctx.splits.align)
+    return ctx.splits.train
+
+
 def posttrain_steps(ctx: TransferContext, epochs: float, batch_size: int) -> int:
     if ctx.config.steps:
         return int(ctx.config.steps)
-    if not ctx.splits.train:
+    pool = train_pool(ctx)
+    if not pool:
         raise SemalignError(f"task {ctx.config.task!r} has an empty train split; pass --data-dir with a train split")
-    return max(1, math.ceil(epochs * len(ctx.splits.train) / batch_size))
+    return max(1, math.ceil(epochs * len(pool) / batch_size))
 
 
 def step_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -209,7 +218,9 @@ def posttrain(ctx: TransferContext, model: torch.nn.Module, loss_fn: LossFn, *, 
         start, _ = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, cfg_hash=chash)
         ctx.run.truncate_metrics(start)
         log.info("%s: resumed after step %d", label, start)
-    train, pad = ctx.splits.train, pad_id_of(ctx.tokenizer)
+    train, pad = train_pool(ctx), pad_id_of(ctx.tokenizer)
+    if not train:
+        raise SemalignError(f"task {ctx.config.task!r} has an empty train split; pass --data-dir with a train split")
     cache: dict[int, dict] = {}
 
     def rendered(i: int) -> dict:

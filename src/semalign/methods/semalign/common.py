@@ -83,9 +83,11 @@ def make_trainable(ctx: TransferContext, layers: list[int]) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     c = ctx.config.semalign
+    if c.trainable.endswith("_above"):  # every layer from the lowest paired one up
+        layers = list(range(min(layers), ctx.s_arch.num_layers + 1))
     for k in layers:  # fp32 master weights for the layers that change (the rest stays in --dtype)
         ctx.s_arch.layer(k).float()
-    if c.trainable == "full":
+    if c.trainable.startswith("full"):
         for k in layers:
             for p in ctx.s_arch.layer(k).parameters():
                 p.requires_grad_(True)

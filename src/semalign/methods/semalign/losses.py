@@ -100,6 +100,15 @@ def cos_label_loss(logits: torch.Tensor, labels: torch.Tensor, *, smoothing: flo
     return 1.0 - cos.mean()
 
 
+@OUTPUT_LOSSES.register("ce", help="cross-entropy of the gold response tokens (beyond the paper's cosine)")
+def ce_label_loss(logits: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+    lab, mask = shift_labels(labels)
+    z = logits[:, :-1][mask].float()
+    if z.numel() == 0:
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(z, lab[mask])
+
+
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """KL(softmax(p/τ) || softmax(q/τ)) per row (float32)."""
     lp = torch.log_softmax(p_logits.float() / tau, dim=-1)

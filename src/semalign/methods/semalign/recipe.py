@@ -176,6 +176,11 @@ class SemAlignV1(TransferMethod):
                                           "attribution_examples": scores.n_examples}
         ctx.summary["attribution"] = {"aggregate": scores.aggregate, "positions": scores.positions,
                                       "target": scores.target, "dtype": scores.dtype, "margin": scores.margin()}
+        if c.map != "closed_form":
+            from .maps import choose_map
+
+            smap = choose_map(ctx, smap, lm.pairs, c.interface)
+            ctx.summary["map"] = smap.meta
         ctx.state.update(layer_map=lm, smap=smap, scores=scores)
         ctx.summary["layer_map"] = lm.describe()
         log.info("layer map: %s", lm.describe())
@@ -186,6 +191,6 @@ class SemAlignV1(TransferMethod):
         ctx.state["train_model"] = model
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ctx.summary["trainable_parameters"] = n_train
-        run_alignment_steps(ctx, model, lm.pairs, ctx.state["smap"], layer_loss="cosine", output_loss="cos_label",
-                            steps=ctx.steps, label="v1")
+        run_alignment_steps(ctx, model, lm.pairs, ctx.state["smap"], layer_loss="cosine",
+                            output_loss=ctx.config.semalign.output_loss, steps=ctx.steps, label="v1")
         ctx.student = model
