@@ -84,3 +84,28 @@ def test_frontier_fast_equals_full(deep_pairs, data_dir, tmp_path, one_thread):
     full = _transfer(deep_pairs["qwen2"], data_dir, tmp_path / "full", *args, "--no-fast-path")
     _compare(fast, full)
     assert [m["fast_path"]["k"] for m in fast[1]] == [1, 2, 3, 4]
+
+
+def test_transfer_eval_incremental_equals_full(deep_pairs, data_dir, tmp_path, one_thread):
+    """`make demo`'s shape: MMLU before/after; the after-evaluation reuses the before-states (item 4)."""
+    import shutil
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "eval" / "mmlu", data / "mmlu")
+    extra = ("--eval-tasks", "mmlu", "--eval-limit", "8")
+    _transfer(deep_pairs["qwen2"], data, tmp_path / "fast", *extra)
+    _transfer(deep_pairs["qwen2"], data, tmp_path / "full", *extra, "--no-fast-path")
+    fast = json.loads((tmp_path / "fast" / "summary.json").read_text())
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    paired = json.loads((tmp_path / "fast" / "layer_map.json").read_text())["pairs"][0]["student_layer"]
+    inc = fast["incremental_eval"]
+    assert inc["lowest_changed_block"] == inc["start_block"] == paired  # read from the weights, not the map
+    assert inc["suffix_batches"] > 0 and inc["full_batches"] == 0 and "incremental_eval" not in full
+
+    def samples(run):
+        rows = (run / "eval" / "student_after" / "samples_mmlu.jsonl").read_text().splitlines()
+        return [(r["id"], r["pred"], r["logprobs"]) for r in map(json.loads, rows)]
+
+    assert samples(tmp_path / "fast") == samples(tmp_path / "full")
