@@ -96,7 +96,7 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
         tot_layer, tot_out = max(1, sum(n_layer)), max(1, sum(n_out))
         totals = {"loss": 0.0, "layer_loss": 0.0, "output_loss": 0.0}
         per_layer: dict[int, float] = {}
-        tokens = 0
+        tokens, t_teacher, t_prefix = 0, 0.0, fast.seconds
         model.train()
         freeze_inactive_dropout(model)
         for j, b in enumerate(micro):
@@ -106,8 +106,10 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
             tokens += int(b["attention_mask"].sum())
             need_logits = output_loss == "kl_source" and ow > 0
             rows = output_positions(b["labels"]) if fast.active and ow > 0 else None  # head only where read
+            t_teacher -= time.perf_counter()
             targets, t_logits = teacher_targets(ctx, b, pairs, smap, interface, logits=need_logits,
                                                 logit_positions=rows)
+            t_teacher += time.perf_counter()
             with autocast(ctx):
                 h0 = fast.batch(rendered[j * c.micro_batch:(j + 1) * c.micro_batch], b["attention_mask"]) \
                     if fast.active else None
@@ -143,6 +145,7 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
                "layer_loss_per_pair": {str(k): round(v, 6) for k, v in per_layer.items()}, "lr": lr,
                "grad_norm": gnorm, "examples": len(examples), "tokens": tokens, "step_seconds": round(dt, 3),
                "tokens_per_second": round(tokens / dt, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+               "teacher_seconds": round(t_teacher, 3), "prefix_seconds": round(fast.seconds - t_prefix, 3),
                "fast_path": fast.describe()}
         ctx.run.log_metrics(rec)
         log.info("%s step %d/%d loss %.4f (layer %.4f, out %.4f) %.1fs", label, step + 1, steps, totals["loss"],
