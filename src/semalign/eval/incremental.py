@@ -29,7 +29,7 @@ from .generate import forward_last
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET_MB = 1024
+DEFAULT_BUDGET_MB = 512
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Forward]" = weakref.WeakKeyDictionary()
 
