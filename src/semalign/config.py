@@ -171,6 +171,9 @@ class RunConfig(Section):
     steps: Optional[int] = Field(None, ge=1, description="optimizer steps (default: the task's Table-4 value)")
     batch_size: int = Field(16, ge=1, description="examples per optimizer step (1 extract + 15 align in v1)")
     micro_batch: int = Field(4, ge=1, description="examples per forward pass (gradient accumulation)")
+    fast_path: bool = Field(True, description="SemAlign training: run the frozen layers below the lowest trainable "
+                            "one once per example and the LM head only at supervised positions (same results; "
+                            "--no-fast-path runs the full model every step)")
     gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward during "
                                          "post-training (seeking, lora-sft, logit-kd): less memory, more compute")
     lr: float = Field(3e-5, ge=0, allow_inf_nan=False, description="peak learning rate (0 = a no-op control run)")

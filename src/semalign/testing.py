@@ -88,8 +88,9 @@ def _config(family: str, *, vocab_size: int, hidden: int, layers: int, heads: in
 
 def tiny_model(family: str = "qwen2", *, tokenizer=None, hidden: int = 64, layers: int = 4, heads: int = 4,
                kv_heads: int = 2, ffn: int | None = None, tie: bool = False, seed: int = 0,
-               vocab_size: int | None = None):
-    """One random causal LM whose vocabulary matches ``tokenizer``."""
+               vocab_size: int | None = None, **config_overrides):
+    """One random causal LM whose vocabulary matches ``tokenizer`` (``config_overrides`` set config fields,
+    e.g. ``layer_types`` / ``sliding_window`` for Gemma3)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or tiny_tokenizer()
@@ -98,6 +99,8 @@ def tiny_model(family: str = "qwen2", *, tokenizer=None, hidden: int = 64, layer
         kv_heads=kv_heads, ffn=ffn or hidden * 2, tie=tie, pad_id=tokenizer.pad_token_id,
         eos_id=tokenizer.eos_token_id,
     )
+    for key, value in config_overrides.items():
+        setattr(cfg, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)

@@ -6,6 +6,7 @@ evaluation and reports are uniform. Bad input is rejected before anything is wri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -19,6 +20,7 @@ from .artifacts import RunDir, env_info, peak_rss_mb
 from .config import RunConfig, dump_config
 from .data.prompts import batches
 from .data.tasks import build_splits, get_task
+from .eval.incremental import StateBank, recording, reusing
 from .errors import NonFiniteLossError, SemalignError
 from .methods.base import TransferContext, get_method
 from .models.arch import internals
@@ -178,9 +180,12 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         summary["precision"] = {"compute": compute, "teacher": model_dtype(teacher),
                                 "student_before": model_dtype(student)}
         evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=teacher_key,
-                                      output_dir=run.path("eval", "teacher")),
-                 "student_before": _evaluate(cfg, student, s_tok, "student (before)", used,
-                                             output_dir=run.path("eval", "student_before"))}
+                                      output_dir=run.path("eval", "teacher"))}
+        # incremental evaluation: the after-evaluation reuses these states below the lowest changed block
+        bank = StateBank(student) if cfg.fast_path and "mmlu" in cfg.eval_task_list() else None
+        with recording(student, bank) if bank else contextlib.nullcontext():
+            evals["student_before"] = _evaluate(cfg, student, s_tok, "student (before)", used,
+                                                output_dir=run.path("eval", "student_before"))
         timings["eval_before"] = time.perf_counter() - t0
 
         ctx = TransferContext(cfg, teacher, student, s_tok, t_arch, s_arch, splits, task, run, device,
@@ -208,8 +213,12 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         nll["student_after"] = measure_nll(cfg, ctx.student, s_tok, nll_ex, task, device, student=True)
         timings["nll_after"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        evals["student_after"] = _evaluate(cfg, ctx.student, s_tok, "student (after)", used,
-                                           output_dir=run.path("eval", "student_after"))
+        with reusing(ctx.student, bank) if bank else contextlib.nullcontext():
+            evals["student_after"] = _evaluate(cfg, ctx.student, s_tok, "student (after)", used,
+                                               output_dir=run.path("eval", "student_after"))
+        if bank:
+            summary["incremental_eval"] = bank.stats
+            del bank
         timings["eval_after"] = time.perf_counter() - t0
         summary.update(ctx.summary)
         summary.update({"status": "completed", "nll": nll, "nll_examples": len(nll_ex), "export": str(path),

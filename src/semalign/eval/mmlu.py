@@ -40,7 +40,7 @@ import torch
 from ..data import sources
 from ..data.prompts import pad_id_of
 from ..errors import SemalignError
-from . import paired, stats
+from . import incremental, paired, stats
 from .generate import forward_last, left_pad, model_device
 from .prompting import encode, render
 from .tasks import EVAL_TASKS, EvalOptions, EvalTask, Prepared, TaskOutput, exclude, stable_seed
@@ -219,8 +219,11 @@ def _batches(lengths: list[int], batch_size: int | str, device_type: str) -> lis
 
 @torch.inference_mode()
 def score_letters(model, tokenizer, prompts: list[list[int]], *, batch_size: int | str = "auto",
-                  aggregation: str = "logsumexp", on_done=None) -> list[dict]:
-    """Per prompt: ``{"logprobs": {letter: score}, "pred": letter, "mass": p}`` (left-padded, batched)."""
+                  aggregation: str = "logsumexp", on_done=None, forward=None) -> list[dict]:
+    """Per prompt: ``{"logprobs": {letter: score}, "pred": letter, "mass": p}`` (left-padded, batched).
+
+    ``forward(ids, att, pos, n_keep) -> logits`` replaces the model call (incremental evaluation, ``incremental.py``);
+    by default the model's own forward computes the LM head at the last ``n_keep`` positions only."""
     variants = letter_variants(tokenizer)
     prefixes = sorted({v[:-1] for vs in variants.values() for v in vs}, key=lambda p: (len(p), p))
     dev = model_device(model)
@@ -235,8 +238,9 @@ def score_letters(model, tokenizer, prompts: list[list[int]], *, batch_size: int
             for prefix in prefixes:
                 seqs = [list(prompts[i]) + list(prefix) for i in idx]
                 ids, att, pos = left_pad(seqs, pad, dev)
-                out = forward_last(model, ids, att, pos, len(prefix) + 1)
-                logp = torch.log_softmax(out.logits.float(), dim=-1)  # (b, len(prefix)+1, V)
+                n_keep = len(prefix) + 1
+                logits = forward(ids, att, pos, n_keep) if forward else forward_last(model, ids, att, pos, n_keep).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)  # (b, len(prefix)+1, V)
                 base = torch.zeros(len(idx), device=logp.device)
                 for j, t in enumerate(prefix):
                     base = base + logp[:, j, t]
@@ -270,7 +274,8 @@ def execute(model, tokenizer, prep: Prepared, opts: EvalOptions, progress) -> Ta
     prompts = [encode(tokenizer, t) for t in texts]
     with progress.bar("mmlu", len(prompts)) as advance:
         res = score_letters(model, tokenizer, prompts, batch_size=opts.batch_size,
-                            aggregation=opts.letter_aggregation, on_done=advance)
+                            aggregation=opts.letter_aggregation, on_done=advance,
+                            forward=incremental.forward_for(model))
     samples, per_subj = [], defaultdict(lambda: [0, 0])
     for d, text, r in zip(prep.docs, texts, res):
         ok = r["pred"] == LETTERS[d["answer"]]

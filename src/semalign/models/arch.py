@@ -30,6 +30,7 @@ class ArchSpec:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     embed: str = "model.embed_tokens"
+    rotary: str = "model.rotary_emb"  # the model-level rotary embedding (position_embeddings for every layer)
     attn: str = "self_attn"
     mlp: str = "mlp"
     attn_projs: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -89,6 +90,10 @@ class Internals:
                 f"model of type {model_type!r} has no module {exc.args[0]!r} expected by the "
                 f"{self.spec.family!r} ArchSpec; fix the paths in semalign/models/arch.py"
             ) from None
+        try:
+            self.rotary: nn.Module | None = _get(model, self.spec.rotary)
+        except AttributeError:
+            self.rotary = None  # only the suffix runner (models/prefix.py) needs it, and says so
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.config = text_cfg
         self.model_type = model_type

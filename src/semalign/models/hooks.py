@@ -174,3 +174,25 @@ def supervised_logits(arch: Internals, batch: dict[str, torch.Tensor]
     else:
         logits = out.logits[bi, ti]
     return logits, lab[bi, ti + 1], bi
+
+
+def run_to_input(arch: Internals, k: int, **forward_kwargs) -> torch.Tensor:
+    """``h_{k-1}``: the hidden state entering block ``k`` (``k = L + 1``: the final norm's input, i.e. the last
+    block's output), from ``arch.model(**forward_kwargs)`` stopped there; nothing above it runs."""
+    module = arch.final_norm if k == arch.num_layers + 1 else arch.layer(k)
+    box: list[torch.Tensor] = []
+
+    def hook(_m, args, kwargs):
+        box.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    h = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        arch.model(**forward_kwargs)
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    if not box:
+        raise RuntimeError(f"the forward pass never reached block {k}")
+    return box[0]

@@ -12,7 +12,8 @@ from ...attribution.layers import LayerScores, attribute_layers
 from ...data.prompts import batches, budget_batches
 from ...errors import SemalignError
 from ...models.arch import Internals
-from ...models.hooks import capture_layers, run_until
+from ...models.hooks import capture_layers, run_to_input, run_until
+from ...models.prefix import head_logits
 from ...paths import cache_dir
 from ...pairing import LayerPair
 from ..base import TransferContext
@@ -109,14 +110,19 @@ def make_trainable(ctx: TransferContext, layers: list[int]) -> torch.nn.Module:
 
 
 def teacher_targets(ctx: TransferContext, batch: dict, pairs: list[LayerPair], smap: SemanticMap,
-                    interface: str, *, logits: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+                    interface: str, *, logits: bool = False, logit_positions: torch.Tensor | None = None
+                    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Aligned targets M h_T/|h_T| (student space, float32) per pair's student layer, and optionally the
-    teacher's final logits (one full forward); without logits the teacher stops after the deepest needed layer."""
+    teacher's final logits (one full forward; only at ``logit_positions`` [B, T] bool, as [N, V] rows, when
+    given); without logits the teacher stops after the deepest needed layer."""
     needed = sorted({l for p in pairs for l in p.teacher_layers_needed()})
     t_logits = None
     with torch.no_grad(), capture_layers(ctx.t_arch, needed, mlp=interface == "mlp_output", detach=True) as cap:
         kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        if logits:
+        if logits and logit_positions is not None:
+            h = run_to_input(ctx.t_arch, ctx.t_arch.num_layers + 1, **kw)
+            t_logits = head_logits(ctx.t_arch, h, logit_positions)
+        elif logits:
             t_logits = ctx.teacher(**kw).logits
         else:
             run_until(ctx.t_arch, max(needed), **kw)

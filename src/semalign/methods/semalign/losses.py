@@ -80,12 +80,25 @@ def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lab, lab != -100
 
 
+def output_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions whose logits the output terms read (those followed by a supervised token)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def response_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, V], gold next tokens [N]) at :func:`output_positions`, in row-major order. ``logits`` is either
+    [B, T, V] or already those N rows (a suffix run that applied the head only there, ``models/prefix.py``)."""
+    lab, mask = shift_labels(labels)
+    return (logits[:, :-1][mask] if logits.dim() == 3 else logits), lab[mask]
+
+
 @OUTPUT_LOSSES.register("cos_label", help="v1: 1 - mean cos(z, one-hot(y)) over response tokens")
 def cos_label_loss(logits: torch.Tensor, labels: torch.Tensor, *, smoothing: float = 0.0, **_) -> torch.Tensor:
     """cos(z, e_y) = z_y / |z|; with label smoothing ε, y = (1-ε) e_y + ε/V."""
-    lab, mask = shift_labels(labels)
-    z = logits[:, :-1][mask].float()
-    y = lab[mask]
+    z, y = response_rows(logits, labels)
+    z = z.float()
     zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     zn = z.norm(dim=-1).clamp_min(1e-12)
     if smoothing > 0:
@@ -102,11 +115,10 @@ def cos_label_loss(logits: torch.Tensor, labels: torch.Tensor, *, smoothing: flo
 
 @OUTPUT_LOSSES.register("ce", help="cross-entropy of the gold response tokens (beyond the paper's cosine)")
 def ce_label_loss(logits: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
-    lab, mask = shift_labels(labels)
-    z = logits[:, :-1][mask].float()
+    z, y = response_rows(logits, labels)
     if z.numel() == 0:
         return logits.float().sum() * 0.0
-    return F.cross_entropy(z, lab[mask])
+    return F.cross_entropy(z.float(), y)
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -121,9 +133,8 @@ def kl_source_loss(logits: torch.Tensor, labels: torch.Tensor, *, teacher_logits
                    tau: float = 1.0, chunk: int = 256, shared_vocab: int | None = None, **_) -> torch.Tensor:
     """Over the shared token ids only (``shared_vocab``: the ids both tokenizers produce with the same string;
     padded LM-head rows and placeholder tokens are excluded, spec §8.7, §8.18)."""
-    _, mask = shift_labels(labels)
-    s = logits[:, :-1][mask]
-    t = teacher_logits[:, :-1][mask]
+    s, _ = response_rows(logits, labels)
+    t, _ = response_rows(teacher_logits, labels)
     n = min(s.shape[-1], t.shape[-1])  # shared vocabulary prefix
     if shared_vocab:
         n = min(n, int(shared_vocab))

@@ -19,13 +19,15 @@ import torch
 from ...artifacts import peak_rss_mb
 from ...data.prompts import collate, pad_id_of, render_example
 from ...models.hooks import capture_layers
+from ...models.prefix import run_suffix
 from ...pairing import LayerMap, critical_pairs
+from ...training.frozen import FrozenPrefix
 from ...training.loop import (check_finite, check_finite_grads, config_hash, load_checkpoint, make_optimizer,
                               make_scheduler, save_checkpoint)
 from ..base import METHODS, TransferContext, TransferMethod
 from .common import (autocast, make_trainable, save_layer_map_plot, semantic_map, teacher_attribution,
                      teacher_targets)
-from .losses import LAYER_LOSSES, OUTPUT_LOSSES
+from .losses import LAYER_LOSSES, OUTPUT_LOSSES, output_positions
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = make_scheduler(opt, c.scheduler, steps, c.lr)
-    chash = config_hash({"cfg": c.model_dump(mode="json"), "stage": label})
+    # fast_path changes how, not what, is computed: a run may resume across it
+    chash = config_hash({"cfg": c.model_dump(mode="json", exclude={"fast_path"}), "stage": label})
     ckpt = ctx.run.checkpoint_dir / label
     start = 0
     if ctx.resume and (ckpt / "trainer_state.json").is_file():
@@ -65,6 +68,14 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
     lfn, ofn = LAYER_LOSSES.get(layer_loss), OUTPUT_LOSSES.get(output_loss)
     ow = sc.output_weight if output_weight is None else output_weight
     pad = pad_id_of(ctx.tokenizer)
+    student_layers = [p.student_layer for p in pairs]
+    model.train()
+    freeze_inactive_dropout(model)  # the modes the steps run in decide whether the prefix is deterministic
+    fast = FrozenPrefix(model, ctx.s_arch, pad_id=pad, enabled=c.fast_path)
+    if fast.active and min(student_layers) < fast.k:
+        fast.active, fast.reason = False, "a supervised layer lies below the lowest trainable block"
+    log.info("%s: %s", label, f"frozen prefix: blocks 1..{fast.k - 1} run once per example" if fast.active
+             else f"full forward every step ({fast.reason})")
     out_kwargs = {"tau": tau, "shared_vocab": smap.meta.get("shared_vocab_bound", smap.meta.get("shared_ids"))}
     for step in range(start, steps):
         t0 = time.perf_counter()
@@ -85,7 +96,7 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
         tot_layer, tot_out = max(1, sum(n_layer)), max(1, sum(n_out))
         totals = {"loss": 0.0, "layer_loss": 0.0, "output_loss": 0.0}
         per_layer: dict[int, float] = {}
-        tokens = 0
+        tokens, t_teacher, t_prefix = 0, 0.0, fast.seconds
         model.train()
         freeze_inactive_dropout(model)
         for j, b in enumerate(micro):
@@ -94,10 +105,20 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
             w_l, w_o = n_layer[j] / tot_layer, n_out[j] / tot_out
             tokens += int(b["attention_mask"].sum())
             need_logits = output_loss == "kl_source" and ow > 0
-            targets, t_logits = teacher_targets(ctx, b, pairs, smap, interface, logits=need_logits)
-            with autocast(ctx), capture_layers(ctx.s_arch, [p.student_layer for p in pairs],
-                                               mlp=interface == "mlp_output") as cap:
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            rows = output_positions(b["labels"]) if fast.active and ow > 0 else None  # head only where read
+            t_teacher -= time.perf_counter()
+            targets, t_logits = teacher_targets(ctx, b, pairs, smap, interface, logits=need_logits,
+                                                logit_positions=rows)
+            t_teacher += time.perf_counter()
+            with autocast(ctx):
+                h0 = fast.batch(rendered[j * c.micro_batch:(j + 1) * c.micro_batch], b["attention_mask"]) \
+                    if fast.active else None
+                with capture_layers(ctx.s_arch, student_layers, mlp=interface == "mlp_output") as cap:
+                    if fast.active:
+                        logits = run_suffix(ctx.s_arch, h0, fast.k, attention_mask=b["attention_mask"],
+                                            logits=rows if rows is not None else False).logits
+                    else:
+                        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             layer_terms = []
             for p in pairs:
                 h = cap.interface(p.student_layer, interface)
@@ -105,8 +126,8 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
                 layer_terms.append(term)
                 per_layer[p.student_layer] = per_layer.get(p.student_layer, 0.0) + float(term.detach()) * w_l
             l_layer = torch.stack(layer_terms).mean()
-            l_out = (ofn(out.logits, b["labels"], teacher_logits=t_logits, **out_kwargs) if ow > 0
-                     else out.logits.sum() * 0.0)
+            l_out = (ofn(logits, b["labels"], teacher_logits=t_logits, **out_kwargs) if ow > 0
+                     else torch.zeros((), device=ctx.device))
             loss = sc.layer_weight * l_layer * w_l + ow * l_out * w_o
             check_finite(loss, step + 1)
             loss.backward()
@@ -123,7 +144,9 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
         rec = {"stage": label, "step": step_offset + step + 1, **{k: round(v, 6) for k, v in totals.items()},
                "layer_loss_per_pair": {str(k): round(v, 6) for k, v in per_layer.items()}, "lr": lr,
                "grad_norm": gnorm, "examples": len(examples), "tokens": tokens, "step_seconds": round(dt, 3),
-               "tokens_per_second": round(tokens / dt, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+               "tokens_per_second": round(tokens / dt, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+               "teacher_seconds": round(t_teacher, 3), "prefix_seconds": round(fast.seconds - t_prefix, 3),
+               "fast_path": fast.describe()}
         ctx.run.log_metrics(rec)
         log.info("%s step %d/%d loss %.4f (layer %.4f, out %.4f) %.1fs", label, step + 1, steps, totals["loss"],
                  totals["layer_loss"], totals["output_loss"], dt)
