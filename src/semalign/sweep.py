@@ -43,7 +43,7 @@ from .paths import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-GRID_KEYS = ("base", "grid", "runs", "reference", "teacher_dtype", "description")
+GRID_KEYS = ("base", "grid", "runs", "reference", "teacher_dtype", "description", "eval_from_block")
 SHARED = ("teacher", "student", "task", "data_dir", "seed", "eval_tasks", "eval_limit", "allow_code_execution",
           "dtype", "device", "output")
 
@@ -64,6 +64,7 @@ class Grid:
     reference: str | None = None
     teacher_dtype: str | None = None
     description: str = ""
+    eval_from_block: int | None = None  # incremental MMLU evaluation of the rows from this student block up
 
     @property
     def cfg(self) -> RunConfig:
@@ -196,7 +197,10 @@ def load_grid(path: str | Path) -> Grid:
 
     for r in rows:
         get_method(r.config.method)
-    return Grid(str(p), base, rows, ref, td, str(raw.get("description") or ""))
+    efb = raw.get("eval_from_block")
+    if efb is not None and (not isinstance(efb, int) or isinstance(efb, bool) or efb < 2):
+        raise SemalignError(f"{p}: eval_from_block must be a student block number >= 2 (got {efb!r})")
+    return Grid(str(p), base, rows, ref, td, str(raw.get("description") or ""), efb)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -219,6 +223,7 @@ class Result:
     run_dir: str | None = None
     error: str | None = None
     reused: bool = False
+    incremental: dict[str, Any] | None = None
     vs_student: dict[str, dict] = field(default_factory=dict)
     vs_reference: dict[str, dict] = field(default_factory=dict)
 
@@ -280,7 +285,20 @@ def run_sweep(grid: Grid, *, output: str | Path, resume: bool = False, overwrite
     t0 = time.perf_counter()
     student, s_tok, s_res = load_model(cfg.student, dtype="fp32", device=cfg.device)
     s_key = model_content_hash(s_res) if tasks and s_res.kind != "hub" else None
-    s_eval = _evaluate(student, s_tok, "student", cfg, tasks, used, out, s_key)
+    bank = None
+    if grid.eval_from_block and "mmlu" in tasks:
+        # Record the untouched student's input to block `eval_from_block` for every evaluated question (so not
+        # from the evaluation cache); each row's MMLU evaluation then runs only the blocks from there up, when
+        # nothing below changed (checked tensor by tensor; otherwise that row is evaluated in full).
+        from .eval.incremental import StateBank, recording
+
+        bank = StateBank(student, blocks=[grid.eval_from_block], budget_mb=1 << 16)
+        with recording(student, bank):
+            s_eval = _evaluate(student, s_tok, "student", cfg, tasks, used, out, None)
+        log.info("stored block-%d inputs of %d sequences for incremental row evaluation", grid.eval_from_block,
+                 bank.stats["recorded_sequences"])
+    else:
+        s_eval = _evaluate(student, s_tok, "student", cfg, tasks, used, out, s_key)
     del student
     results.append(Result("student", "student", eval_seconds=round(time.perf_counter() - t0, 2)))
     _fill(results[1], s_eval)
@@ -322,7 +340,16 @@ def run_sweep(grid: Grid, *, output: str | Path, resume: bool = False, overwrite
                     res = json.loads(done.read_text())
                 else:
                     model, tok, _ = load_model(summary["export"], dtype="fp32", device=cfg.device)
-                    res = _evaluate(model, tok, row.dir, cfg, tasks, used, out, summary.get("student_content_hash"))
+                    if bank is not None:
+                        from .eval.incremental import reusing
+
+                        bank.stats.update(suffix_batches=0, full_batches=0)
+                        with reusing(model, bank):
+                            res = _evaluate(model, tok, row.dir, cfg, tasks, used, out, None)
+                        r.incremental = dict(bank.stats)
+                    else:
+                        res = _evaluate(model, tok, row.dir, cfg, tasks, used, out,
+                                        summary.get("student_content_hash"))
                     del model
                     r.eval_seconds = round(time.perf_counter() - t1, 2)
                 _fill(r, res)

@@ -108,3 +108,24 @@ def test_grid_expansion_and_examples(tiny_dirs, eval_data_dir, tmp_path, capsys)
     root = Path(__file__).resolve().parents[2] / "examples"
     for f in sorted(root.glob("sweep_*.yaml")):
         assert load_grid(f).rows, f
+
+
+def test_incremental_row_evaluation_equals_full(tiny_dirs, eval_data_dir, tmp_path):
+    """eval_from_block: rows are scored from the untouched student's stored block inputs (the tiny student has 2
+    blocks; v1 trains block 1 or 2), giving the same letter log-probs as a full evaluation of each export."""
+    full = tmp_path / "full"
+    inc = tmp_path / "inc"
+    assert main(["sweep", str(_grid(tmp_path, tiny_dirs, eval_data_dir)), "--output", str(full), "-q"]) == 0
+    g2 = tmp_path / "g2"
+    g2.mkdir()
+    assert main(["sweep", str(_grid(g2, tiny_dirs, eval_data_dir, eval_from_block=2)), "--output", str(inc),
+                 "-q"]) == 0
+    a = json.loads((full / "results.json").read_text())["rows"]
+    b = json.loads((inc / "results.json").read_text())["rows"]
+    for ra, rb in zip(a[2:], b[2:]):
+        sa = [json.loads(x) for x in (full / "eval" / ra["dir"] / "samples_mmlu.jsonl").read_text().splitlines()]
+        sb = [json.loads(x) for x in (inc / "eval" / rb["dir"] / "samples_mmlu.jsonl").read_text().splitlines()]
+        assert [x["logprobs"] for x in sa] == [x["logprobs"] for x in sb]
+        assert rb["incremental"]["lowest_changed_block"] >= 1
+        if rb["incremental"]["lowest_changed_block"] >= 2:
+            assert rb["incremental"]["suffix_batches"] > 0 and rb["incremental"]["full_batches"] == 0

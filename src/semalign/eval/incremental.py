@@ -41,11 +41,16 @@ def _keys(ids: torch.Tensor, att: torch.Tensor) -> list[tuple[int, ...]]:
 class StateBank:
     """Block-input states of one model per scored sequence, plus its weight digests (taken at construction)."""
 
-    def __init__(self, model: torch.nn.Module, *, budget_mb: float = DEFAULT_BUDGET_MB):
+    def __init__(self, model: torch.nn.Module, *, budget_mb: float = DEFAULT_BUDGET_MB,
+                 blocks: list[int] | None = None):
+        """``blocks``: record only the inputs of these blocks (e.g. the lowest block a sweep will change: a stored
+        ``h_{j-1}`` serves every model whose lowest changed block is ``>= j``); default: every block, the lowest
+        dropped first when ``budget_mb`` is exceeded."""
         self.arch = internals(model)
         self.digests = weight_digests(self.arch)
         L = self.arch.num_layers
-        self.layers = list(range(2, L + 2))  # block j's input h_{j-1}; j = L + 1 is the final norm's input
+        # block j's input h_{j-1}; j = L + 1 is the final norm's input
+        self.layers = sorted({int(j) for j in blocks if 2 <= int(j) <= L + 1}) if blocks else list(range(2, L + 2))
         self.states: dict[int, dict[tuple[int, ...], torch.Tensor]] = {j: {} for j in self.layers}
         self.budget = int(budget_mb * 2 ** 20)
         self.nbytes = 0
