@@ -67,6 +67,27 @@ def measure_nll(cfg: RunConfig, model, tok, examples, task, device, *, student: 
     return r
 
 
+NLL_VERSION = "1"  # bump when a change moves the held-out NLL
+
+
+def cached_nll(cfg: RunConfig, model_hash: str | None, model, tok, examples, task, device, *, student: bool) -> dict:
+    """:func:`measure_nll` through the stage cache (stage ``nll``; key in docs/cache.md). ``model_hash`` is the
+    model's content hash; ``None`` (a hub model) or ``--no-cache`` computes without caching."""
+    from .cache import stage_cache
+    from .fingerprints import examples_hash, tokenizer_hash
+
+    cache = stage_cache(cfg.cache)
+    if model_hash is None or not cache.enabled or not examples:
+        return measure_nll(cfg, model, tok, examples, task, device, student=student)
+    inputs = {"model": model_hash, "weights_dtype": str(next(model.parameters()).dtype),
+              "autocast": cfg.dtype if student else None, "tokenizer": tokenizer_hash(tok),
+              "examples": examples_hash(examples), "max_length": cfg.max_length, "micro_batch": cfg.micro_batch,
+              "device": device.type}
+    entry = cache.get_or_compute("nll", NLL_VERSION, inputs,
+                                 lambda: (None, measure_nll(cfg, model, tok, examples, task, device, student=student)))
+    return entry.json
+
+
 def _evaluate(cfg: RunConfig, model, tok, name: str, used_ids: set[str], *, cache_key: str | None = None,
               output_dir: Path | None = None) -> dict:
     tasks = cfg.eval_task_list()
@@ -99,7 +120,8 @@ def validate(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, An
 
         old = yaml.safe_load((out / "config.resolved.yaml").read_text())
         new = cfg.model_dump(mode="json")
-        old.pop("output", None), new.pop("output", None)
+        for k in ("output", "cache"):  # neither changes results
+            old.pop(k, None), new.pop(k, None)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SemalignError(f"cannot --resume {out}: the configuration differs in {', '.join(diff)}; "
@@ -110,6 +132,7 @@ def validate(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, An
 def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, argv: list[str] | None = None,
                  preloaded: dict | None = None) -> dict:
     """Run one transfer end to end and return the summary dict (also written to summary.json)."""
+    from .fingerprints import model_key
     from .models.load import load_model, model_content_hash, resolve_device
 
     t_start = time.perf_counter()
@@ -157,27 +180,24 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     try:
         nll_ex = splits.eval[: cfg.nll_examples]
         t0 = time.perf_counter()
-        nll = {"teacher": measure_nll(cfg, teacher, t_tok, nll_ex, task, device, student=False),
-               "student_before": measure_nll(cfg, student, s_tok, nll_ex, task, device, student=True)}
+        t_hash = model_key(cfg.teacher, path=preloaded.get("teacher_path")) if cfg.cache else None
+        s_hash = model_key(path=s_res.path) if cfg.cache and s_res.kind != "hub" else None
+        nll = {"teacher": cached_nll(cfg, t_hash, teacher, t_tok, nll_ex, task, device, student=False),
+               "student_before": cached_nll(cfg, s_hash, student, s_tok, nll_ex, task, device, student=True)}
         timings["nll_before"] = time.perf_counter() - t0
         used = splits.used_ids()
         t0 = time.perf_counter()
-        teacher_key = None
-        if cfg.eval_task_list():
-            try:
-                from .models.load import resolve_model
-
-                teacher_key = model_content_hash(preloaded.get("teacher_path") or resolve_model(cfg.teacher).path)
-            except Exception:  # noqa: BLE001 - caching is an optimisation only
-                teacher_key = None
+        teacher_key = t_hash if cfg.eval_task_list() and cfg.cache else None
         evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=teacher_key,
                                       output_dir=run.path("eval", "teacher")),
-                 "student_before": _evaluate(cfg, student, s_tok, "student (before)", used,
+                 "student_before": _evaluate(cfg, student, s_tok, "student (before)", used, cache_key=s_hash,
                                              output_dir=run.path("eval", "student_before"))}
         timings["eval_before"] = time.perf_counter() - t0
 
         ctx = TransferContext(cfg, teacher, student, s_tok, t_arch, s_arch, splits, task, run, device,
                               resume=resume, teacher_tokenizer=t_tok)
+        if t_hash is not None:
+            ctx.state["teacher_hash"] = t_hash
         t0 = time.perf_counter()
         method.prepare(ctx)
         timings["prepare"] = time.perf_counter() - t0

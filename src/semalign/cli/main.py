@@ -128,7 +128,8 @@ def _register_optional() -> None:
     """Commands contributed by other modules (each exposes ``register(app)``)."""
     import importlib
 
-    for mod in ("semalign.cli.eval_cmd", "semalign.cli.compare_cmd", "semalign.cli.analyze_cmd"):
+    for mod in ("semalign.cli.eval_cmd", "semalign.cli.compare_cmd", "semalign.cli.analyze_cmd",
+                "semalign.cli.cache_cmd"):
         try:
             importlib.import_module(mod).register(app)
         except ModuleNotFoundError as exc:

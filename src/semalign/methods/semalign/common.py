@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,19 +30,51 @@ def autocast(ctx: TransferContext):
     return torch.autocast(device_type=ctx.device.type, dtype=dt)
 
 
+def teacher_hash(ctx: TransferContext) -> str | None:
+    """The teacher's content hash (stage-cache key); ``None`` (do not cache) for a hub teacher. Memoised in
+    ``ctx.state`` (the driver may set it up front)."""
+    if "teacher_hash" not in ctx.state:
+        from ...fingerprints import model_key
+
+        ctx.state["teacher_hash"] = model_key(ctx.config.teacher)
+    return ctx.state["teacher_hash"]
+
+
+ATTRIBUTION_VERSION = "1"  # bump when a change moves the scores
+
+
 def teacher_attribution(ctx: TransferContext) -> LayerScores:
-    """Grad x Act of all teacher layers on the extract split (cached in the run dir for --resume)."""
+    """Grad x Act of all teacher layers on the extract split: from the run dir (--resume), else the stage cache
+    (stage ``attribution``, key in docs/cache.md), else computed."""
     path = ctx.run.path("attribution", "teacher.json")
     if path.is_file():
         return LayerScores.load(path)
     ex = ctx.splits.extract[: ctx.config.attribution_examples or len(ctx.splits.extract)]
-    bs = batches(ctx.tokenizer, ex, 1, max_length=ctx.config.max_length, train_on_inputs=ctx.task.train_on_inputs)
-    from rich.progress import Progress
 
-    with Progress(transient=True) as prog:
-        t = prog.add_task(f"attribution ({len(bs)} examples)", total=len(bs))
-        scores = attribute_layers(ctx.t_arch, bs, aggregate=ctx.config.semalign.aggregate,
-                                  progress=lambda: prog.advance(t))
+    def compute() -> tuple[None, dict]:
+        bs = batches(ctx.tokenizer, ex, 1, max_length=ctx.config.max_length, train_on_inputs=ctx.task.train_on_inputs)
+        from rich.progress import Progress
+
+        with Progress(transient=True) as prog:
+            t = prog.add_task(f"attribution ({len(bs)} examples)", total=len(bs))
+            s = attribute_layers(ctx.t_arch, bs, aggregate=ctx.config.semalign.aggregate,
+                                 progress=lambda: prog.advance(t))
+        return None, asdict(s)
+
+    from ...cache import stage_cache
+    from ...fingerprints import examples_hash, tokenizer_hash
+
+    cache = stage_cache(getattr(ctx.config, "cache", True))
+    th = teacher_hash(ctx) if cache.enabled else None
+    if th is None:
+        d = compute()[1]
+    else:
+        inputs = {"teacher": th, "teacher_dtype": str(next(ctx.teacher.parameters()).dtype),
+                  "tokenizer": tokenizer_hash(ctx.tokenizer), "examples": examples_hash(ex),
+                  "max_length": ctx.config.max_length, "train_on_inputs": ctx.task.train_on_inputs,
+                  "aggregate": ctx.config.semalign.aggregate}
+        d = cache.get_or_compute("attribution", ATTRIBUTION_VERSION, inputs, compute).json
+    scores = LayerScores(d["scores"], d["aggregate"], d["n_examples"], d.get("per_example", []))
     scores.model = ctx.config.teacher
     scores.save(path)
     return scores
