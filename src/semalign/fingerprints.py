@@ -57,16 +57,17 @@ def tensor_hash(t) -> str:
 
 
 def model_key(spec: Any = None, *, path: str | None = None, model: Any = None) -> str | None:
-    """The content hash of a model for cache keys: of its files (``path`` or the resolved ``spec``; cached in a
+    """The content hash of a model for cache keys: of its files (``path``, or ``spec``: a model spec or a
+    ``ResolvedModel``; cached in a
     sidecar, so instant after the first call), else of a live ``model``'s state dict; ``None`` when neither works
     (a hub model), which means "do not cache"."""
-    from .models.load import model_content_hash, resolve_model
+    from .models.load import ResolvedModel, model_content_hash, resolve_model
 
     try:
         if path is not None:
             return model_content_hash(path)
         if spec is not None:
-            rm = resolve_model(spec, fetch=False)
+            rm = spec if isinstance(spec, ResolvedModel) else resolve_model(spec, fetch=False)
             if rm.kind != "hub":
                 return model_content_hash(rm)
     except Exception as e:  # noqa: BLE001 - caching is an optimisation only

@@ -181,14 +181,13 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         nll_ex = splits.eval[: cfg.nll_examples]
         t0 = time.perf_counter()
         t_hash = model_key(cfg.teacher, path=preloaded.get("teacher_path")) if cfg.cache else None
-        s_hash = model_key(path=s_res.path) if cfg.cache and s_res.kind != "hub" else None
+        s_hash = model_key(s_res) if cfg.cache else None
         nll = {"teacher": cached_nll(cfg, t_hash, teacher, t_tok, nll_ex, task, device, student=False),
                "student_before": cached_nll(cfg, s_hash, student, s_tok, nll_ex, task, device, student=True)}
         timings["nll_before"] = time.perf_counter() - t0
         used = splits.used_ids()
         t0 = time.perf_counter()
-        teacher_key = t_hash if cfg.eval_task_list() and cfg.cache else None
-        evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=teacher_key,
+        evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=t_hash,
                                       output_dir=run.path("eval", "teacher")),
                  "student_before": _evaluate(cfg, student, s_tok, "student (before)", used, cache_key=s_hash,
                                              output_dir=run.path("eval", "student_before"))}
