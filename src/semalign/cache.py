@@ -204,7 +204,7 @@ class StageCache:
         if tensors:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+            save_file({k: _own_storage(v) for k, v in tensors.items()}, str(tmp / TENSORS))
             files[TENSORS] = {}
         if json_obj is not None:
             (tmp / DATA).write_text(json.dumps(json_obj, default=str), encoding="utf-8")
@@ -360,6 +360,14 @@ class StageCache:
             n += 1
             log.info("cache: evicted %s/%s (%s, least recently used)", r["stage"], r["key"][:12], human_bytes(r["size"]))
         return n
+
+
+def _own_storage(t):
+    """A contiguous CPU tensor that owns its storage (safetensors refuses views that share memory)."""
+    t = t.detach().cpu().contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
 
 
 def _dir_size(d: Path) -> int:

@@ -217,3 +217,10 @@ def test_stages_time_and_cache(cache):
         with timed_stage("boom", t):
             raise RuntimeError("x")
     assert "boom" in t
+
+
+def test_put_accepts_views_that_share_storage(cache):
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    rows = {f"r{i}": base[i, :3] for i in range(3)}  # contiguous views of one storage
+    e = cache.put("s", cache.key("s", "1", {"views": 1}), rows)
+    assert all(torch.equal(e.tensors[k], v) for k, v in rows.items())
