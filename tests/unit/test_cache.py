@@ -86,6 +86,7 @@ def test_get_or_compute_hits_after_the_first_call(cache):
 
 def _put_same_key(root: str, barrier, q) -> None:
     try:
+        torch.set_num_threads(1)
         c = StageCache(Path(root))
         key = c.key("t", "1", {"same": True})
         barrier.wait()
@@ -115,15 +116,20 @@ def _compute_same_key(root: str, barrier, q) -> None:
 
 @pytest.mark.parametrize("target", [_put_same_key, _compute_same_key])
 def test_two_processes_fill_the_same_key(tmp_path, target):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch's thread pools started can hang the child
     root = tmp_path / "stages"
     barrier, q = ctx.Barrier(2), ctx.Queue()
     procs = [ctx.Process(target=target, args=(str(root), barrier, q)) for _ in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(60)
-    results = [q.get(timeout=5) for _ in procs]
+    try:
+        for p in procs:
+            p.join(120)
+        results = [q.get(timeout=10) for _ in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     assert all(p.exitcode == 0 for p in procs)
     if target is _put_same_key:
         assert results == ["ok", "ok"]
