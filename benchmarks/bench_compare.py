@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--examples", type=int, default=3)
     a = ap.parse_args()
+    from semalign.artifacts import env_info
+
+    print(json.dumps({"bench": "env", "env": env_info()}))  # what decides speed here (CPU flags, dtype, threads)
     if a.what == "window":
         bench_window()
     elif a.what == "lens":

@@ -150,7 +150,9 @@ def main() -> int:
     host = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "loadavg_start": os.getloadavg()}
-    report: dict = {"host": host,
+    from semalign.artifacts import env_info
+
+    report: dict = {"host": host, "env": env_info(),
                     "dtype": args.dtype, "generation": None, "tasks": {}}
     data_dir = args.data_dir if Path(args.data_dir).is_dir() else None
     for name in (STUDENT, TEACHER):

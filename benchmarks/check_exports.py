@@ -129,7 +129,9 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"compare_dir": str(root), "checks": checks}, indent=1))
+    from semalign.artifacts import env_info
+
+    tmp.write_text(json.dumps({"compare_dir": str(root), "checks": checks, "env": env_info()}, indent=1))
     tmp.replace(out)
     return 0 if checks and all(c["ok"] for c in checks) else 1
 

@@ -87,6 +87,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("semalign-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(request, _session_cache, monkeypatch):
+    """Keep the stage cache, semantic maps and eval results of tests out of the user's cache (tests that need
+    their own cache set SEMALIGN_CACHE again; ``slow`` tests read the real assets and keep the user's)."""
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("SEMALIGN_CACHE", str(_session_cache))
+    monkeypatch.delenv("SEMALIGN_NO_CACHE", raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -46,6 +46,42 @@ def git_revision() -> str | None:
         return None
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict[str, Any]:
+    """What decides CPU speed here: the model name, the bf16/AMX-relevant flags, torch's kernel level and what
+    ``--dtype auto`` resolves to (see :mod:`semalign.models.precision`)."""
+    import torch
+
+    from .models.precision import cpu_has_native_bf16, native_compute_dtype
+
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = val.strip()
+                elif key == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch
+        capability = None
+    return {"model": model or platform.processor() or platform.machine(),
+            "flags": {f: f in flags for f in SPEED_FLAGS} if flags else None,
+            "torch_cpu_capability": capability, "native_bf16": cpu_has_native_bf16(),
+            "dtype_auto": {"cpu": native_compute_dtype("cpu"),
+                           **({"cuda": native_compute_dtype("cuda")} if torch.cuda.is_available() else {})},
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "cpu_count": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+
+
 def env_info() -> dict[str, Any]:
     import torch
 
@@ -53,6 +89,7 @@ def env_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_info(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),

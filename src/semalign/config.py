@@ -198,6 +198,8 @@ class RunConfig(Section):
         "auto", description="compute dtype; auto = bf16 where the hardware has native bf16, else fp32")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = 42
+    cache: bool = Field(True, description="reuse the stage cache (teacher attribution, held-out NLL, evaluations; "
+                        "see docs/cache.md); --no-cache recomputes everything and stores nothing")
     output: Optional[str] = Field(None, description="run directory (default runs/<method>-<task>-<time>)")
     semalign: SemAlignConfig = Field(default_factory=SemAlignConfig)
     frontier: FrontierConfig = Field(default_factory=FrontierConfig)

@@ -150,7 +150,7 @@ def analysis_section(index: dict, prefix: str = "", heading: str = "##") -> str:
 
 
 def _write_both(root: Path, md: str, title: str) -> Path:
-    from .analysis.html import write_html
+    from .render.html import write_html
     from .paths import atomic_write_text
 
     p = Path(root) / "report.md"

@@ -70,6 +70,27 @@ def model_dtype(model) -> str:
     return dts[0] if len(dts) == 1 else "mixed(" + ",".join(dts) + ")"
 
 
+NLL_VERSION = "2"  # bump when a change moves the held-out NLL (2: model dtype, never autocast)
+
+
+def cached_nll(cfg: RunConfig, model_hash: str | None, model, tok, examples, task, device, *, student: bool) -> dict:
+    """:func:`measure_nll` through the stage cache (stage ``nll``; key in docs/cache.md). ``model_hash`` is the
+    model's content hash; ``None`` (a hub model) or ``--no-cache`` computes without caching."""
+    from .cache import stage_cache
+    from .fingerprints import examples_hash, tokenizer_hash
+
+    cache = stage_cache(cfg.cache)
+    if model_hash is None or not cache.enabled or not examples:
+        return measure_nll(cfg, model, tok, examples, task, device, student=student)
+    inputs = {"model": model_hash, "weights_dtype": str(next(model.parameters()).dtype),
+              "tokenizer": tokenizer_hash(tok),
+              "examples": examples_hash(examples), "max_length": cfg.max_length, "micro_batch": cfg.micro_batch,
+              "device": device.type}
+    entry = cache.get_or_compute("nll", NLL_VERSION, inputs,
+                                 lambda: (None, measure_nll(cfg, model, tok, examples, task, device, student=student)))
+    return entry.json
+
+
 def _evaluate(cfg: RunConfig, model, tok, name: str, used_ids: set[str], *, cache_key: str | None = None,
               output_dir: Path | None = None) -> dict:
     tasks = cfg.eval_task_list()
@@ -102,7 +123,8 @@ def validate(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, An
 
         old = yaml.safe_load((out / "config.resolved.yaml").read_text())
         new = cfg.model_dump(mode="json")
-        old.pop("output", None), new.pop("output", None)
+        for k in ("output", "cache"):  # neither changes results
+            old.pop(k, None), new.pop(k, None)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SemalignError(f"cannot --resume {out}: the configuration differs in {', '.join(diff)}; "
@@ -113,6 +135,7 @@ def validate(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, An
 def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, argv: list[str] | None = None,
                  preloaded: dict | None = None) -> dict:
     """Run one transfer end to end and return the summary dict (also written to summary.json)."""
+    from .fingerprints import model_key
     from .models.load import load_model, model_content_hash, resolve_device
 
     t_start = time.perf_counter()
@@ -164,32 +187,30 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     try:
         nll_ex = splits.eval[: cfg.nll_examples]
         t0 = time.perf_counter()
-        nll = {"teacher": measure_nll(cfg, teacher, t_tok, nll_ex, task, device, student=False),
-               "student_before": measure_nll(cfg, student, s_tok, nll_ex, task, device, student=True)}
+        t_hash = model_key(cfg.teacher, path=preloaded.get("teacher_path")) if cfg.cache else None
+        s_hash = model_key(s_res) if cfg.cache else None
+        nll = {"teacher": cached_nll(cfg, t_hash, teacher, t_tok, nll_ex, task, device, student=False),
+               "student_before": cached_nll(cfg, s_hash, student, s_tok, nll_ex, task, device, student=True)}
         timings["nll_before"] = time.perf_counter() - t0
         used = splits.used_ids()
         t0 = time.perf_counter()
-        teacher_key = None
-        if cfg.eval_task_list():
-            try:
-                from .models.load import resolve_model
-
-                teacher_key = model_content_hash(preloaded.get("teacher_path") or resolve_model(cfg.teacher).path)
-            except Exception:  # noqa: BLE001 - caching is an optimisation only
-                teacher_key = None
         summary["precision"] = {"compute": compute, "teacher": model_dtype(teacher),
                                 "student_before": model_dtype(student)}
-        evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=teacher_key,
+        evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=t_hash,
                                       output_dir=run.path("eval", "teacher"))}
-        # incremental evaluation: the after-evaluation reuses these states below the lowest changed block
+        # incremental evaluation: the after-evaluation reuses these states below the lowest changed block (the
+        # states must be recorded, so the untouched student's cached evaluation is not used then)
         bank = StateBank(student) if cfg.fast_path and "mmlu" in cfg.eval_task_list() else None
         with recording(student, bank) if bank else contextlib.nullcontext():
             evals["student_before"] = _evaluate(cfg, student, s_tok, "student (before)", used,
+                                                cache_key=None if bank else s_hash,
                                                 output_dir=run.path("eval", "student_before"))
         timings["eval_before"] = time.perf_counter() - t0
 
         ctx = TransferContext(cfg, teacher, student, s_tok, t_arch, s_arch, splits, task, run, device,
                               resume=resume, teacher_tokenizer=t_tok)
+        if t_hash is not None:
+            ctx.state["teacher_hash"] = t_hash
         t0 = time.perf_counter()
         method.prepare(ctx)
         timings["prepare"] = time.perf_counter() - t0

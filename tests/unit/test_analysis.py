@@ -12,7 +12,7 @@ import torch
 
 from semalign.analysis import cka as ckamod
 from semalign.analysis.activations import collect, common_prefix_len, select_tokens
-from semalign.analysis.html import markdown_to_html
+from semalign.render.html import markdown_to_html
 from semalign.analysis.parametric import (best_window, extract, matrix_metrics, parametric_similarity,
                                           seeking_windows, window_sums)
 from semalign.analysis.resolution import (pinv_frame_operator, random_frame_operator, recomposition_cosines,

@@ -75,6 +75,19 @@ def test_cache_reuses_results_for_the_same_key_and_settings(pair, cache):
     assert other_key["results"]["mmlu"]["cached"] is False
 
 
+def test_corrupt_cached_eval_is_recomputed_with_a_warning(pair, cache, caplog):
+    model, tok = pair
+    kw = dict(data_dir=FIXTURES, progress=False, cache_key="model-hash-3", limit=4)
+    first = evaluate(model, tok, ["mmlu"], **kw)
+    (data,) = list((cache / "stages" / "eval").glob("*/data.json"))
+    data.write_text(data.read_text().replace('"acc"', '"acx"', 1))  # same size, different bytes
+    with caplog.at_level("WARNING", logger="semalign.cache"):
+        again = evaluate(model, tok, ["mmlu"], **kw)
+    assert again["results"]["mmlu"]["cached"] is False and any("corrupt" in r.getMessage() for r in caplog.records)
+    assert again["results"]["mmlu"]["acc"] == first["results"]["mmlu"]["acc"]
+    assert evaluate(model, tok, ["mmlu"], **kw)["results"]["mmlu"]["cached"] is True
+
+
 def test_bad_arguments_are_one_line_errors(pair):
     model, tok = pair
     with pytest.raises(SemalignError, match="Did you mean 'mmlu'"):

@@ -51,12 +51,16 @@ def setup_logging(verbosity: int = 0, quiet: bool = False) -> None:
 
 @app.command("env")
 def env_cmd() -> None:
-    """Print versions, devices and paths for bug reports."""
+    """Print versions, devices, paths and what decides speed (CPU flags, the dtype `auto` picks, threads)."""
     from ..artifacts import env_info
     from ..paths import cache_dir
 
+    from ..cache import stage_cache
+
     info = env_info()
     info["cache_dir"] = str(cache_dir())
+    sc = stage_cache()
+    info["stage_cache"] = {"root": str(sc.root), "enabled": sc.enabled, "max_gb": sc.max_bytes / 1e9}
     typer.echo(json.dumps(info, indent=2))
 
 
@@ -64,16 +68,17 @@ def env_cmd() -> None:
 def assets_list() -> None:
     """List offline assets, whether they are fetched, and where."""
     from rich.console import Console
-    from rich.table import Table
 
     from ..models.assets import list_assets
+    from .tables import table
 
-    t = Table("name", "architecture", "fetched", "path / size", "licence")
-    for a in list_assets():
-        t.add_row(str(a.get("name")), str(a.get("architecture", "")), "yes" if a.get("fetched") else "no",
-                  str(a.get("path") or "") + (f" ({a['disk_size']})" if a.get("disk_size") else ""),
-                  str(a.get("licence", "")))
-    Console().print(t)
+    assets = list_assets()
+    rows = [(str(a.get("name")), str(a.get("architecture", "")), "yes" if a.get("fetched") else "no",
+             str(a.get("disk_size") or ""), str(a.get("licence", ""))) for a in assets]
+    Console().print(table(("name", "architecture", "fetched", "size", "licence"), rows))
+    for a in assets:  # paths on plain lines: printed whole, never cut to the terminal width
+        if a.get("path"):
+            typer.echo(f"{a['name']}: {a['path']}")
 
 
 @assets_app.command("fetch")
@@ -88,36 +93,36 @@ def assets_fetch(name: str = typer.Argument(..., help="asset name (see `semalign
 
 def _ls(kind: str) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table("name", "description")
+    from .tables import table
+
+    cols: tuple[str, ...] = ("name", "description")
+    rows: list[tuple[str, ...]] = []
     if kind == "methods":
         from ..methods.base import METHODS, _load_builtin_methods
 
         _load_builtin_methods()
-        t.add_column("paper")
+        cols += ("paper",)
         for n in METHODS:
             cls = METHODS.get(n)
-            t.add_row(n, cls.summary_line or METHODS.help(n), cls.paper)
+            rows.append((n, cls.summary_line or METHODS.help(n), cls.paper))
     elif kind == "tasks":
         from ..data.tasks import TASKS
 
         for n in TASKS:
             s = TASKS.get(n)
-            t.add_row(n, f"{s.description}; protocol sizes {s.sizes}; Table-4 steps {s.table4_steps}")
+            rows.append((n, f"{s.description}; protocol sizes {s.sizes}; Table-4 steps {s.table4_steps}"))
     elif kind == "architectures":
         from ..models.arch import ARCHITECTURES
 
         for n in ARCHITECTURES:
-            t.add_row(n, f"{ARCHITECTURES.help(n)} (model_type: {', '.join(ARCHITECTURES.get(n).model_types)})")
+            rows.append((n, f"{ARCHITECTURES.help(n)} (model_type: {', '.join(ARCHITECTURES.get(n).model_types)})"))
     elif kind == "losses":
         from ..methods.semalign.losses import LAYER_LOSSES, OUTPUT_LOSSES
 
-        for n in LAYER_LOSSES:
-            t.add_row(f"layer:{n}", LAYER_LOSSES.help(n))
-        for n in OUTPUT_LOSSES:
-            t.add_row(f"output:{n}", OUTPUT_LOSSES.help(n))
-    Console().print(t)
+        rows += [(f"layer:{n}", LAYER_LOSSES.help(n)) for n in LAYER_LOSSES]
+        rows += [(f"output:{n}", OUTPUT_LOSSES.help(n)) for n in OUTPUT_LOSSES]
+    Console().print(table(cols, rows))
 
 
 for _kind in ("methods", "tasks", "architectures", "losses"):
@@ -129,7 +134,7 @@ def _register_optional() -> None:
     import importlib
 
     for mod in ("semalign.cli.eval_cmd", "semalign.cli.compare_cmd", "semalign.cli.sweep_cmd",
-                "semalign.cli.analyze_cmd"):
+                "semalign.cli.analyze_cmd", "semalign.cli.cache_cmd"):
         try:
             importlib.import_module(mod).register(app)
         except ModuleNotFoundError as exc:

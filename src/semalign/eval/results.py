@@ -8,7 +8,6 @@ statistics and ``notes``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import SemalignError
-from ..paths import atomic_write_json, atomic_write_text, cache_dir
+from ..paths import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -124,30 +123,33 @@ def markdown_table(res: dict) -> str:
 
 
 # --------------------------------------------------------------------------- cache
-def cache_root() -> Path:
-    return cache_dir() / "eval-cache"
+EVAL_STAGE = "eval"
 
 
-def cache_path(cache_key: str, task: str, settings: dict) -> Path:
-    blob = json.dumps({"model": cache_key, "task": task, "settings": settings, "eval_version": EVAL_VERSION},
-                      sort_keys=True, default=str)
-    h = hashlib.sha256(blob.encode()).hexdigest()
-    return cache_root() / task / f"{h}.json"
+def eval_cache_inputs(cache_key: str, task: str, settings: dict) -> dict:
+    """What decides one task's evaluation of one model (stage ``eval``; see docs/cache.md)."""
+    return {"model": cache_key, "task": task, "settings": settings}
 
 
-def cache_get(path: Path) -> dict | None:
+def cache_get(inputs: dict) -> dict | None:
+    """The cached per-question outputs and result of one task, verified by checksum (None on a miss)."""
+    from ..cache import stage_cache
+
+    cache = stage_cache()
+    e = cache.get(EVAL_STAGE, cache.key(EVAL_STAGE, EVAL_VERSION, inputs))
+    data = e.json if e is not None else None
+    return data if isinstance(data, dict) and "result" in data else None
+
+
+def cache_put(inputs: dict, entry: dict) -> None:
+    from ..cache import stage_cache
+
+    cache = stage_cache()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) and "result" in data else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def cache_put(path: Path, entry: dict) -> None:
-    try:
-        atomic_write_json(path, entry)
+        cache.put(EVAL_STAGE, cache.key(EVAL_STAGE, EVAL_VERSION, inputs),
+                  meta={"version": EVAL_VERSION, "inputs": inputs}, json_obj=entry)
     except OSError as e:  # a read-only cache never fails an evaluation
-        log.warning("could not write the eval cache %s (%s)", path, e)
+        log.warning("could not write the eval cache (%s)", e)
 
 
 # --------------------------------------------------------------------------- transfer comparison

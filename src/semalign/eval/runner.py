@@ -17,7 +17,7 @@ from . import gsm8k as _gsm8k  # noqa: F401  (registers gsm8k)
 from . import mmlu as _mmlu  # noqa: F401  (registers mmlu)
 from .execution import ExecLimits, require_opt_in, runner as exec_runner
 from .prompting import format_info, resolve_chat_format
-from .results import (EVAL_VERSION, PROTOCOL_NOTE, SCHEMA_VERSION, cache_get, cache_path, cache_put, markdown_table,
+from .results import (EVAL_VERSION, PROTOCOL_NOTE, SCHEMA_VERSION, cache_get, cache_put, eval_cache_inputs, markdown_table,
                       package_versions, write_outputs)
 from .tasks import EVAL_TASKS, EvalOptions, Progress, parse_tasks
 
@@ -52,7 +52,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *,
     Returns the results dict (the ``results.json`` schema, see docs/evaluation.md); with ``output_dir`` also writes
     ``results.json`` and, with ``log_samples``, ``samples_<task>.jsonl``. ``exclude_ids`` are example ids used for
     training (never evaluated; counted as ``n_excluded``). ``cache_key`` (e.g. the model's content hash) enables the
-    result cache under ``cache_dir()/eval-cache/``; without it nothing is cached, because a live model may differ
+    result cache (stage ``eval`` of :mod:`semalign.cache`); without it nothing is cached, because a live model may differ
     from any files it was loaded from. Code tasks need ``allow_code_execution=True``. ``limit`` is one number for
     every task or a mapping task -> limit (see :func:`semalign.eval.tasks.eval_limits`).
     """
@@ -103,15 +103,15 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *,
                 raise SemalignError(f"{tname}: nothing left to evaluate after excluding {prep.n_excluded} ids and "
                                     f"--limit {opts.limit}; check --exclude-ids / --limit")
             cached = None
-            cpath = None
+            ckey = None
             if cache_key:
                 key_settings = {**settings, "batch_size": str(batch_size),
                                 "versions": {k: versions[k] for k in ("torch", "transformers", "tokenizers")}}
-                cpath = cache_path(cache_key, tname, key_settings)
-                cached = cache_get(cpath)
+                ckey = eval_cache_inputs(cache_key, tname, key_settings)
+                cached = cache_get(ckey)
             t0 = time.perf_counter()
             if cached is not None:
-                log.info("%s: reusing cached result %s", tname, cpath)
+                log.info("%s: reusing the cached result (model %s)", tname, cache_key[:12])
                 out_result, out_samples = cached["result"], cached.get("samples", [])
                 out_cfg, out_break = cached["config"], cached.get("breakdown", {})
                 out_gen = cached.get("generation", {})
@@ -127,8 +127,8 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *,
                               "n": len(prep.docs), "n_excluded": prep.n_excluded, "wall_time_s": round(wall, 2),
                               "cached": False}
                 out_samples, out_break, out_gen = out.samples, out.breakdown, out.generation
-                if cpath is not None:
-                    cache_put(cpath, {"result": out_result, "config": out_cfg, "breakdown": out_break,
+                if ckey is not None:
+                    cache_put(ckey, {"result": out_result, "config": out_cfg, "breakdown": out_break,
                                       "generation": out_gen, "samples": out_samples})
             res["results"][tname] = out_result
             res["configs"][tname] = out_cfg

@@ -207,7 +207,7 @@ def convert_gguf(gguf: Path, out: Path, *, record: dict[str, Any] | None = None,
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .load import _relax_permissions, gguf_dense_kwargs, save_model_dir
+    from .save import gguf_dense_kwargs, relax_permissions, save_model_dir
 
     gguf = Path(gguf)
     t0 = time.perf_counter()
@@ -228,7 +228,7 @@ def convert_gguf(gguf: Path, out: Path, *, record: dict[str, Any] | None = None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             rec.setdefault("timings", {})["convert_s"] = round(time.perf_counter() - t0, 2)
             atomic_write_json(tmp / ASSET_RECORD, rec)
-            _relax_permissions(tmp)
+            relax_permissions(tmp)
         bar.update(task, total=1, completed=1)
     del model, tok
     gc.collect()

@@ -28,7 +28,7 @@ def export_student(model: torch.nn.Module, tokenizer, out_dir: Path, *, card: st
     Trainable layers are kept in float32 during transfer; the export keeps every tensor's dtype unless
     ``dtype`` is given, so small updates are not rounded away.
     """
-    from .load import save_model_dir
+    from .save import save_model_dir
 
     base = merged(model)
     if dtype is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,8 +31,22 @@ def autocast(ctx: TransferContext):
     return torch.autocast(device_type=ctx.device.type, dtype=dt)
 
 
+def teacher_hash(ctx: TransferContext) -> str | None:
+    """The teacher's content hash (stage-cache key); ``None`` (do not cache) for a hub teacher. Memoised in
+    ``ctx.state`` (the driver may set it up front)."""
+    if "teacher_hash" not in ctx.state:
+        from ...fingerprints import model_key
+
+        ctx.state["teacher_hash"] = model_key(ctx.config.teacher)
+    return ctx.state["teacher_hash"]
+
+
+ATTRIBUTION_VERSION = "2"  # bump when a change moves the scores (2: response positions, fp32, batched)
+
+
 def teacher_attribution(ctx: TransferContext) -> LayerScores:
-    """Grad x Act of all teacher layers on the extract split (cached in the run dir for --resume).
+    """Grad x Act of all teacher layers on the extract split: from the run dir (--resume), else the stage cache
+    (stage ``attribution``, key in docs/cache.md), else computed.
 
     The objective is the gold response NLL (prompt tokens masked, whatever the task's train_on_inputs: spec §8.1),
     summed over ``attribution_positions``, in ``attribution_dtype`` (fp32 by default)."""
@@ -40,20 +55,42 @@ def teacher_attribution(ctx: TransferContext) -> LayerScores:
         return LayerScores.load(path)
     c = ctx.config.semalign
     ex = ctx.splits.extract[: ctx.config.attribution_examples or len(ctx.splits.extract)]
-    # Batches bounded in padded tokens: backward through a 1.5B teacher in fp32 keeps ~6 MB of activations per
-    # token, so 4 long MMLU examples (768 tokens each) would need ~18 GB.
-    bs, order = budget_batches(ctx.teacher_tokenizer or ctx.tokenizer, ex, max_examples=c.attribution_batch,
-                               max_tokens=c.attribution_batch_tokens, max_length=ctx.config.max_length)
-    from rich.progress import Progress
+    tok = ctx.teacher_tokenizer or ctx.tokenizer
 
-    dtype = torch.float32 if c.attribution_dtype == "fp32" else None
-    with Progress(transient=True) as prog:
-        t = prog.add_task(f"attribution ({len(ex)} examples)", total=len(bs))
-        scores = attribute_layers(ctx.t_arch, bs, aggregate=c.aggregate, positions=c.attribution_positions,
-                                  target=c.attribution_target, dtype=dtype, progress=lambda: prog.advance(t))
+    def compute() -> tuple[None, dict]:
+        # Batches bounded in padded tokens: backward through a 1.5B teacher in fp32 keeps ~6 MB of activations
+        # per token, so 4 long MMLU examples (768 tokens each) would need ~18 GB.
+        bs, order = budget_batches(tok, ex, max_examples=c.attribution_batch, max_tokens=c.attribution_batch_tokens,
+                                   max_length=ctx.config.max_length)
+        from rich.progress import Progress
+
+        dtype = torch.float32 if c.attribution_dtype == "fp32" else None
+        with Progress(transient=True) as prog:
+            t = prog.add_task(f"attribution ({len(ex)} examples)", total=len(bs))
+            s = attribute_layers(ctx.t_arch, bs, aggregate=c.aggregate, positions=c.attribution_positions,
+                                 target=c.attribution_target, dtype=dtype, progress=lambda: prog.advance(t))
+        back = sorted(range(len(order)), key=lambda j: order[j])  # per-example rows in extract-split order
+        s.per_example = [s.per_example[j] for j in back]
+        return None, asdict(s)
+
+    from ...cache import stage_cache
+    from ...fingerprints import examples_hash, tokenizer_hash
+
+    cache = stage_cache(getattr(ctx.config, "cache", True))
+    th = teacher_hash(ctx) if cache.enabled else None
+    if th is None:
+        d = compute()[1]
+    else:
+        inputs = {"teacher": th, "teacher_dtype": str(next(ctx.teacher.parameters()).dtype),
+                  "tokenizer": tokenizer_hash(tok), "examples": examples_hash(ex),
+                  "max_length": ctx.config.max_length, "aggregate": c.aggregate,
+                  "positions": c.attribution_positions, "target": c.attribution_target,
+                  "dtype": c.attribution_dtype}
+        d = cache.get_or_compute("attribution", ATTRIBUTION_VERSION, inputs, compute).json
+    scores = LayerScores(d["scores"], d["aggregate"], d["n_examples"], d.get("per_example", []),
+                         positions=d.get("positions", "all"), target=d.get("target", "block_output"),
+                         dtype=d.get("dtype", ""))
     scores.model = ctx.config.teacher
-    back = sorted(range(len(order)), key=lambda j: order[j])  # per-example rows in extract-split order
-    scores.per_example = [scores.per_example[j] for j in back]
     scores.save(path)
     m = scores.margin()
     log.info("attribution (%s, %s, %s): top T%s %.4g, next T%s %.4g, relative margin %.3f", scores.target,
