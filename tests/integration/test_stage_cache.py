@@ -40,7 +40,7 @@ def test_second_transfer_reuses_attribution_and_nll(tiny_dirs, data_dir, tmp_pat
     monkeypatch.setattr(transfer, "measure_nll", counting_nll)
     assert main(_args(tiny_dirs, data_dir, tmp_path / "a")) == 0
     assert calls["nll"] == 3  # teacher, student before, student after
-    assert {r["stage"] for r in stage_cache().ls()} == {"attribution", "nll"}
+    assert {r["stage"] for r in stage_cache().ls()} == {"attribution", "nll", "teacher_targets"}
     n_entries = len(stage_cache().ls())
 
     def no_attribution(*a, **k):

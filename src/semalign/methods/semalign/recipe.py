@@ -28,6 +28,7 @@ from ..base import METHODS, TransferContext, TransferMethod
 from .common import (autocast, make_trainable, save_layer_map_plot, semantic_map, teacher_attribution,
                      teacher_targets)
 from .losses import LAYER_LOSSES, OUTPUT_LOSSES, output_positions
+from .targets import example_id
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
     log.info("%s: %s", label, f"frozen prefix: blocks 1..{fast.k - 1} run once per example" if fast.active
              else f"full forward every step ({fast.reason})")
     out_kwargs = {"tau": tau, "shared_vocab": smap.meta.get("shared_vocab_bound", smap.meta.get("shared_ids"))}
+    need_logits = output_loss == "kl_source" and ow > 0
+    offline = offline_targets(ctx, pairs, smap, interface, steps=steps, step_offset=step_offset) \
+        if c.fast_path and not need_logits else None
     for step in range(start, steps):
         t0 = time.perf_counter()
         examples = step_examples(ctx, step, rng)
@@ -104,11 +108,14 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
             mask = masks[j].to(ctx.device)
             w_l, w_o = n_layer[j] / tot_layer, n_out[j] / tot_out
             tokens += int(b["attention_mask"].sum())
-            need_logits = output_loss == "kl_source" and ow > 0
             rows = output_positions(b["labels"]) if fast.active and ow > 0 else None  # head only where read
             t_teacher -= time.perf_counter()
-            targets, t_logits = teacher_targets(ctx, b, pairs, smap, interface, logits=need_logits,
-                                                logit_positions=rows)
+            if offline is not None:  # teacher-free: the mapped targets were computed once (stage cache)
+                ids = [example_id(e) for e in examples[j * c.micro_batch:(j + 1) * c.micro_batch]]
+                targets, t_logits = offline.batch(ids, b["input_ids"].shape[1], ctx.device)[0], None
+            else:
+                targets, t_logits = teacher_targets(ctx, b, pairs, smap, interface, logits=need_logits,
+                                                    logit_positions=rows)
             t_teacher += time.perf_counter()
             with autocast(ctx):
                 h0 = fast.batch(rendered[j * c.micro_batch:(j + 1) * c.micro_batch], b["attention_mask"]) \
@@ -151,6 +158,25 @@ def run_alignment_steps(ctx: TransferContext, model: torch.nn.Module, pairs, sma
         log.info("%s step %d/%d loss %.4f (layer %.4f, out %.4f) %.1fs", label, step + 1, steps, totals["loss"],
                  totals["layer_loss"], totals["output_loss"], dt)
         save_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, step=step + 1, cfg_hash=chash)
+
+
+def offline_targets(ctx: TransferContext, pairs, smap, interface: str, *, steps: int, step_offset: int):
+    """Teacher-free training: the mapped targets of every example these steps will draw (the data cursor is
+    replayed), computed once and kept in the stage cache (stage ``teacher_targets``, stored in float32); ``fit``
+    then never runs the teacher. Layer losses only: a live ``kl_source`` term still needs the teacher."""
+    from .common import teacher_hash
+    from .targets import cached_teacher_targets
+
+    c = ctx.config
+    rng = random.Random(c.seed + step_offset)
+    pool: dict[str, dict] = {}
+    for s in range(steps):
+        for e in step_examples(ctx, s, rng):
+            pool.setdefault(example_id(e), e)
+    th = teacher_hash(ctx) if c.cache else None
+    return cached_teacher_targets(ctx.t_arch, smap, ctx.tokenizer, list(pool.values()), pairs, interface,
+                                  teacher_hash=th, max_length=c.max_length, micro_batch=c.micro_batch,
+                                  store_dtype=torch.float32)
 
 
 def layer_mask(batch: dict, positions: str) -> torch.Tensor:
