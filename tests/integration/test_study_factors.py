@@ -80,3 +80,22 @@ def test_controls_at_the_same_data_and_without_prompt_tokens(tiny_dirs, data_dir
     assert rc == 0 and summary["status"] == "completed"
     cfg = (tmp_path / "sft" / "config.resolved.yaml").read_text()
     assert "train_pool: extract_align" in cfg and "train_on_inputs: false" in cfg
+
+
+def test_paper_preset_pins_the_recipe_and_flags_override_it(capsys, tmp_path):
+    import yaml
+
+    assert main(["transfer", "--preset", "paper-v1", "--dry-run"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["scheduler"] == "onecycle" and cfg["lr"] == 3e-5 and cfg["steps"] is None
+    assert cfg["semalign"]["trainable"] == "lora" and cfg["semalign"]["map"] == "closed_form"
+    assert cfg["semalign"]["output_loss"] == "cos_label"
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1.0e-4\nsemalign:\n  lora_r: 8\n")
+    assert main(["transfer", "--preset", "paper-v1", "--config", str(f), "--steps", "5", "--dry-run"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["lr"], cfg["steps"], cfg["scheduler"]) == (1e-4, 5, "onecycle")
+    assert cfg["semalign"]["lora_r"] == 8 and cfg["semalign"]["trainable"] == "lora"
+    assert main(["transfer", "--preset", "nope", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'" in err and len(err.strip().splitlines()) == 1

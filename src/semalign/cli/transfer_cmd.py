@@ -15,16 +15,21 @@ Examples:
   semalign transfer --task gsm8k --data-dir ../shared/data --steps 4
   semalign transfer --method semalign-frontier --frontier-layer-loss relgeom
   semalign transfer --output runs/x --resume         # continue an interrupted run
+  semalign transfer --preset paper-v1                # the paper's v1 recipe exactly
 """
 
 
 def transfer_command() -> click.Command:
     options = config_options()
 
-    def callback(config_file, resume, overwrite, verbose, quiet, dry_run, **params):
+    def callback(config_file, preset, resume, overwrite, verbose, quiet, dry_run, **params):
         from rich.console import Console
 
-        base = load_config(config_file).model_dump(mode="json") if config_file else {}
+        from ..config import merge_values, preset_values
+
+        base = preset_values(preset)
+        if config_file:  # a config file's own values override the preset's
+            base = merge_values(base, load_config(config_file).model_dump(mode="json", exclude_unset=True))
         cfg = make_config(apply_overrides(base, params, options))
         console = Console()
         if dry_run:
@@ -41,6 +46,8 @@ def transfer_command() -> click.Command:
     params = [
         click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), default=None,
                      help="YAML config; CLI flags override it."),
+        click.Option(["--preset"], default=None, help="a named bundle of settings applied first (--config and flags "
+                     "override it): paper-v1 = the paper's v1 recipe exactly (docs/method.md)"),
         click.Option(["--resume"], is_flag=True, default=False, help="continue the run in --output from its last checkpoint"),
         click.Option(["--overwrite"], is_flag=True, default=False, help="replace an existing --output directory"),
         click.Option(["--dry-run"], is_flag=True, default=False, help="print the resolved config and exit"),
