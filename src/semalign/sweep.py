@@ -224,6 +224,7 @@ class Result:
     error: str | None = None
     reused: bool = False
     incremental: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # first/last step losses (diagnosis of each row)
     vs_student: dict[str, dict] = field(default_factory=dict)
     vs_reference: dict[str, dict] = field(default_factory=dict)
 
@@ -329,6 +330,7 @@ def run_sweep(grid: Grid, *, output: str | Path, resume: bool = False, overwrite
                 r.wall_seconds, r.peak_rss_mb = round(time.perf_counter() - t0, 2), round(rs.peak_mb, 1)
                 atomic_write_json(run_dir / "sweep_measure.json",
                                   {"wall_seconds": r.wall_seconds, "peak_rss_mb": r.peak_rss_mb})
+            r.training = training_diagnostics(run_dir)
             nll = summary.get("nll") or {}
             r.nll = (nll.get("student_after") or {}).get("nll")
             for k in ("teacher", "student_before"):
@@ -409,6 +411,37 @@ def _pct(v: float | None, err: float | None = None) -> str:
     return f"{100 * v:.1f}" + (f" ± {100 * err:.1f}" if err is not None else "")
 
 
+def training_diagnostics(run_dir: Path) -> dict:
+    """First and last step of ``metrics.jsonl``: layer loss (1 - cos between the student's activation and its
+    target, before and after training), output loss, and steps; {} when the run logged none."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        return {}
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    if not rows:
+        return {}
+    out: dict[str, Any] = {"steps": len(rows)}
+    for key in ("layer_loss", "output_loss", "loss"):
+        if key in rows[0]:
+            out[f"{key}_first"], out[f"{key}_last"] = rows[0][key], rows[-1][key]
+    return out
+
+
+def training_table(res: dict) -> str:
+    """Per row: first -> last layer loss and output loss, and the untouched/row predicted-letter shares."""
+    lines = ["| Row | steps | layer loss first → last | output loss first → last | top letter share |",
+             "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        tr = r.get("training") or {}
+        lt = (r.get("letters") or {}).get("pred_shares") or {}
+        top = max(lt.items(), key=lambda kv: kv[1]) if lt else None
+        f = (lambda a, b: "–" if tr.get(a) is None else f"{tr[a]:.4f} → {tr[b]:.4f}")
+        lines.append(f"| {r['name']} | {tr.get('steps', '–')} | {f('layer_loss_first', 'layer_loss_last')} | "
+                     f"{f('output_loss_first', 'output_loss_last')} | "
+                     f"{'–' if not top else f'{top[0]} {100 * top[1]:.1f}%'} |")
+    return "\n".join(lines)
+
+
 def markdown(res: dict) -> str:
     """One table per eval task: accuracy, paired statistics vs the student and vs the reference row."""
     from .eval.paired import fmt_diff, fmt_gap, fmt_p
@@ -454,6 +487,7 @@ def markdown(res: dict) -> str:
              "p: exact McNemar; fixed/broken: wrong→right / right→wrong vs the untouched student; gap closed = "
              "(row − student) / (teacher − student). Prior-corrected: MMLU accuracy after removing each model's "
              "letter prior (contextual calibration, docs/evaluation.md)."]
+    parts.append("### training diagnostics\n\n" + training_table(res))
     return "\n\n".join(parts) + "\n\n" + "\n".join(notes) + "\n"
 
 

@@ -58,6 +58,7 @@ def test_sweep_runs_writes_and_resumes(tiny_dirs, eval_data_dir, tmp_path, monke
     assert len(manifests) == 1  # same splits for every row
     table = (out / "table.md").read_text()
     assert "Δ vs student" in table and "Δ vs lr=0.001" in table and "(reference)" in table
+    assert "training diagnostics" in table and a["training"]["steps"] == 1 and "layer_loss_first" in a["training"]
     assert (out / "plot.png").stat().st_size > 1000
     assert "plot.png" in (out / "report.md").read_text()
     assert "data:image/png;base64," in (out / "report.html").read_text()
