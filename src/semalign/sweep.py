@@ -43,7 +43,7 @@ from .paths import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-GRID_KEYS = ("base", "grid", "runs", "reference", "teacher_dtype", "description", "eval_from_block")
+GRID_KEYS = ("base", "grid", "runs", "reference", "teacher_dtype", "description", "eval_from_block", "teacher_eval")
 SHARED = ("teacher", "student", "task", "data_dir", "seed", "eval_tasks", "eval_limit", "allow_code_execution",
           "dtype", "device", "output")
 
@@ -65,6 +65,7 @@ class Grid:
     teacher_dtype: str | None = None
     description: str = ""
     eval_from_block: int | None = None  # incremental MMLU evaluation of the rows from this student block up
+    teacher_eval: bool = True  # false: no teacher evaluation (no gap closed) until a --resume with it on
 
     @property
     def cfg(self) -> RunConfig:
@@ -200,7 +201,10 @@ def load_grid(path: str | Path) -> Grid:
     efb = raw.get("eval_from_block")
     if efb is not None and (not isinstance(efb, int) or isinstance(efb, bool) or efb < 2):
         raise SemalignError(f"{p}: eval_from_block must be a student block number >= 2 (got {efb!r})")
-    return Grid(str(p), base, rows, ref, td, str(raw.get("description") or ""), efb)
+    te = raw.get("teacher_eval", True)
+    if not isinstance(te, bool):
+        raise SemalignError(f"{p}: teacher_eval must be true or false (got {te!r})")
+    return Grid(str(p), base, rows, ref, td, str(raw.get("description") or ""), efb, te)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -279,10 +283,13 @@ def run_sweep(grid: Grid, *, output: str | Path, resume: bool = False, overwrite
         for p in teacher.parameters():
             p.requires_grad_(False)
         t_key = model_content_hash(t_res) if tasks and t_res.kind != "hub" else None
-        t_eval = _evaluate(teacher, t_tok, "teacher", cfg, tasks, used, out, t_key)
+        t_eval = _evaluate(teacher, t_tok, "teacher", cfg, tasks, used, out, t_key) if grid.teacher_eval else {}
     results = [Result("teacher", "teacher", eval_seconds=round(time.perf_counter() - t0, 2),
-                      peak_rss_mb=round(rs.peak_mb, 1))]
-    _fill(results[0], t_eval)
+                      peak_rss_mb=round(rs.peak_mb, 1), status="completed" if grid.teacher_eval else "skipped")]
+    if grid.teacher_eval:
+        _fill(results[0], t_eval)
+    else:
+        log.info("teacher evaluation skipped (teacher_eval: false): no gap closed until a --resume with it on")
     t0 = time.perf_counter()
     student, s_tok, s_res = load_model(cfg.student, dtype="fp32", device=cfg.device)
     s_key = model_content_hash(s_res) if tasks and s_res.kind != "hub" else None

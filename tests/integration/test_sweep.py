@@ -130,3 +130,17 @@ def test_incremental_row_evaluation_equals_full(tiny_dirs, eval_data_dir, tmp_pa
         assert rb["incremental"]["lowest_changed_block"] >= 1
         if rb["incremental"]["lowest_changed_block"] >= 2:
             assert rb["incremental"]["suffix_batches"] > 0 and rb["incremental"]["full_batches"] == 0
+
+
+def test_teacher_evaluation_can_wait_for_a_resume(tiny_dirs, eval_data_dir, tmp_path):
+    out = tmp_path / "sw"
+    g = _grid(tmp_path, tiny_dirs, eval_data_dir, teacher_eval=False)
+    assert main(["sweep", str(g), "--output", str(out), "-q"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["rows"][0]["status"] == "skipped" and not (out / "eval" / "teacher").exists()
+    assert "acc_teacher" not in res["rows"][2]["vs_student"]["mmlu"]
+    g2 = _grid(tmp_path, tiny_dirs, eval_data_dir)  # teacher_eval back on: --resume adds the teacher and gap closed
+    assert main(["sweep", str(g2), "--output", str(out), "--resume", "-q"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["rows"][0]["status"] == "completed" and all(r["reused"] for r in res["rows"][2:])
+    assert "acc_teacher" in res["rows"][2]["vs_student"]["mmlu"] and "gap_closed" in res["rows"][2]["vs_student"]["mmlu"]
