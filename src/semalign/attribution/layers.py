@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..faults import fault_point
 from ..models.arch import Internals
 from ..models.hooks import capture_layers
 from ..paths import atomic_write_json
@@ -105,6 +106,7 @@ def attribute_layers(arch: Internals, examples_batches: list[dict[str, torch.Ten
             rows_signed.append(r[0])
             rows_abs.append(r[1])
             rows_mean.append(r[2])
+            fault_point("attribution")
             if progress is not None:
                 progress()
     finally:
