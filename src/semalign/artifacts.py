@@ -181,6 +181,13 @@ class RunDir:
     def log_metrics(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl (flushed, so an interrupted run keeps its history)."""
         record = {"time": round(time.time(), 3), **record}
+        step = record.get("step")
+        if not getattr(self, "_metrics_checked", False) and isinstance(step, int):
+            # First line this process writes: drop lines of this step and later that a killed run logged
+            # before it could checkpoint them, so a resumed run never repeats a step in metrics.jsonl.
+            self._metrics_checked = True
+            if any(m.get("step") is not None and m["step"] >= step for m in self.metrics()):
+                self.truncate_metrics(step - 1)
         with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -189,7 +196,14 @@ class RunDir:
         p = self.path("metrics.jsonl")
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().split("\n") if line.strip()]
+        out = []
+        for line in p.read_text(encoding="utf-8", errors="replace").split("\n"):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:  # a line torn by a killed process: not a record
+                    continue
+        return out
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines of steps after ``after_step`` (used when resuming from a checkpoint)."""

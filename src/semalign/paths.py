@@ -43,6 +43,22 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def os_error_from(exc: BaseException, where: str | Path | None = None) -> OSError | None:
+    """The OSError hidden in a library error's text (safetensors reports a full disk as ``SafetensorError``)."""
+    import errno
+    import re
+
+    if isinstance(exc, OSError):
+        return exc
+    m = re.search(r"os error (\d+)", str(exc))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(where) if where else None)
+    if "No space left on device" in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where) if where else None)
+    return None
+
+
 def recover_dirs(root: Path) -> None:
     """After a crash: put back directories :func:`atomic_dir` had moved aside, drop its unfinished temp dirs."""
     root = Path(root)

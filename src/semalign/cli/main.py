@@ -176,6 +176,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             logging.getLogger("semalign").exception("details")
         typer.echo(f"error: {os_error_message(e)}", err=True)
         return 2
+    except Exception as e:  # a library error that is really an OS error (safetensors' "os error 28")
+        from ..paths import os_error_from
+
+        oserr = os_error_from(e)
+        if oserr is None:
+            raise
+        typer.echo(f"error: {os_error_message(oserr)}", err=True)
+        return 2
 
 
 def os_error_message(e: OSError) -> str:

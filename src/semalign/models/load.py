@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import SemalignError
 from ..faults import fault_point
-from ..paths import atomic_dir, atomic_write_json
+from ..paths import atomic_dir, atomic_write_json, os_error_from
 from . import assets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -329,7 +329,13 @@ def save_model_dir(model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], 
         _save_into(model, tokenizer, out)
         return out
     with atomic_dir(out) as tmp:
-        _save_into(model, tokenizer, tmp)
+        try:
+            _save_into(model, tokenizer, tmp)
+        except Exception as exc:  # a full disk inside safetensors arrives as SafetensorError
+            oserr = os_error_from(exc, out)
+            if oserr is None or oserr is exc:
+                raise
+            raise oserr from exc
         fault_point("export")
     return out
 

@@ -235,7 +235,12 @@ def save_cached_map(sm: SemanticMap, entry: Path) -> None:
         (tmp / "meta.json").write_text(json.dumps(sm.meta, indent=2))
         write_manifest(tmp)
         publish_dir(tmp, entry)
-    except OSError as exc:  # a full or read-only cache must not fail the run
+    except Exception as exc:  # a full or read-only cache must not fail the run
+        from ...paths import os_error_from
+
+        exc = os_error_from(exc) or exc
+        if not isinstance(exc, OSError):
+            raise
         log.warning("could not cache the semantic map in %s (%s); continuing without the cache", entry,
                     exc.strerror or exc)
     finally:
