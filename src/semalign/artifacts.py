@@ -108,6 +108,23 @@ def peak_rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
+def check_output_dir(out: Path) -> None:
+    """Refuse an ``--output`` that cannot become a run directory (a file, under a file, or not writable)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SemalignError(f"--output {out} is an existing file, not a directory; choose a directory path")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise SemalignError(f"--output {out} lies under the file {probe}; choose a directory path")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise SemalignError(f"--output {out} is not writable ({probe} is read-only or not ours); "
+                            "choose another --output")
+
+
 @dataclass
 class RunDir:
     root: Path
@@ -131,6 +148,11 @@ class RunDir:
     @classmethod
     def create(cls, root: str | Path, *, resume: bool = False, overwrite: bool = False) -> "RunDir":
         root = Path(root)
+        check_output_dir(root)
+        if resume:
+            from .paths import recover_dirs
+
+            recover_dirs(root)  # a killed run may have left a checkpoint moved aside or temp dirs
         if root.exists() and any(root.iterdir()) and not (resume or overwrite):
             raise SemalignError(
                 f"output directory {root} already exists; pass --resume to continue it, "
@@ -158,6 +180,37 @@ class RunDir:
     def read_json(self, name: str) -> Any:
         return json.loads(self.path(name).read_text())
 
+    def write_summary(self, summary: dict) -> None:
+        """Write summary.json even on a full disk: the final status must never stay "running".
+
+        Tries an atomic write; if that fails (no space for a new file), overwrites the existing file in place
+        with a compact status record that fits in its blocks; if that fails too, removes it.
+        """
+        p = self.path("summary.json")
+        try:
+            atomic_write_json(p, summary)
+            return
+        except OSError:
+            pass
+        small = {k: summary[k] for k in ("status", "method", "task", "error") if k in summary}
+        try:
+            size = p.stat().st_size
+            text = json.dumps(small)
+            if len(text) > size - 1:
+                small["error"] = str(small.get("error", ""))[: max(0, size - 80)]
+                text = json.dumps(small)
+            if len(text) > size - 1:
+                raise OSError("no room")
+            with open(p, "r+", encoding="utf-8") as f:
+                f.write(text + " " * (size - len(text) - 1) + "\n")
+            return
+        except OSError:
+            pass
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
     def write_command(self, argv: list[str] | None = None) -> None:
         argv = argv if argv is not None else sys.argv
         self.write_text("command.txt", " ".join(shlex.quote(a) for a in argv) + "\n")
@@ -165,6 +218,13 @@ class RunDir:
     def log_metrics(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl (flushed, so an interrupted run keeps its history)."""
         record = {"time": round(time.time(), 3), **record}
+        step = record.get("step")
+        if not getattr(self, "_metrics_checked", False) and isinstance(step, int):
+            # First line this process writes: drop lines of this step and later that a killed run logged
+            # before it could checkpoint them, so a resumed run never repeats a step in metrics.jsonl.
+            self._metrics_checked = True
+            if any(m.get("step") is not None and m["step"] >= step for m in self.metrics()):
+                self.truncate_metrics(step - 1)
         with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -173,7 +233,14 @@ class RunDir:
         p = self.path("metrics.jsonl")
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().split("\n") if line.strip()]
+        out = []
+        for line in p.read_text(encoding="utf-8", errors="replace").split("\n"):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:  # a line torn by a killed process: not a record
+                    continue
+        return out
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines of steps after ``after_step`` (used when resuming from a checkpoint)."""

@@ -21,7 +21,7 @@ DEFAULT_STUDENT = "qwen2.5-coder-0.5b-instruct"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SemAlignConfig(Section):
@@ -264,13 +264,21 @@ def make_config(values: dict) -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
+    from .data.jsonl import read_text_file
+
     p = Path(path)
     if not p.is_file():
         raise SemalignError(f"config file {p} does not exist")
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.safe_load(read_text_file(p, "config file")) or {}
     except yaml.YAMLError as exc:
-        raise SemalignError(f"{p}: invalid YAML ({type(exc).__name__}); fix the file") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise SemalignError(f"{where}: invalid YAML ({type(exc).__name__}); fix the file") from None
+    except RecursionError:
+        raise SemalignError(f"{p}: YAML nested too deeply; fix the file") from None
+    if not isinstance(values, dict):
+        raise SemalignError(f"{p}: a config file must be a YAML mapping of field: value, got {type(values).__name__}")
     return make_config(values)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .artifacts import RunDir, env_info, peak_rss_mb
+from .artifacts import RunDir, check_output_dir, env_info, peak_rss_mb
 from .config import RunConfig, dump_config
 from .data.prompts import batches
 from .data.tasks import build_splits, get_task
@@ -115,6 +115,7 @@ def validate(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, An
     for t in cfg.eval_task_list():
         get_task(t)
     out = Path(cfg.output) if cfg.output else default_output(cfg)
+    check_output_dir(out)
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise SemalignError(f"output directory {out} already exists; pass --resume to continue it, "
                             "--overwrite to replace it, or choose another --output")
@@ -262,10 +263,10 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         summary.update({"status": "failed", "error": exc.message,
                         "note": "the last good state is in checkpoints/; rerun with --resume after changing nothing, "
                                 "or start over with a lower --lr"})
-        run.write_json("summary.json", summary)
+        run.write_summary(summary)
         raise
     except BaseException as exc:
         summary.update({"status": "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
                         "error": f"{type(exc).__name__}: {exc}"[:500]})
-        run.write_json("summary.json", summary)
+        run.write_summary(summary)
         raise

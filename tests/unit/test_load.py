@@ -132,7 +132,7 @@ def test_resolve_errors(tmp_path):
 def test_resolve_asset_fetches_when_missing(tmp_path, monkeypatch):
     calls = []
     target = tmp_path / "fetched"
-    monkeypatch.setattr(assets, "asset_dir", lambda name: None)
+    monkeypatch.setattr(assets, "asset_dir", lambda name, verify=False: None)
     monkeypatch.setattr(assets, "fetch_asset", lambda name, **kw: calls.append(name) or target)
     rm = resolve_model("smollm2-135m-instruct")
     assert rm == ResolvedModel("asset", str(target), None, "smollm2-135m-instruct", "smollm2-135m-instruct")

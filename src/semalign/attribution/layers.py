@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ..faults import fault_point
 from ..models.arch import Internals
 from ..models.hooks import capture_layers, supervised_logits, supervised_positions
 from ..paths import atomic_write_json
@@ -188,6 +189,7 @@ def attribute_layers(arch: Internals, examples_batches: list[dict[str, torch.Ten
             used = str(next(model.parameters()).dtype).removeprefix("torch.")
             for b in examples_batches:
                 rows.append(layer_grad_x_act(arch, b, positions=positions, target=target))
+                fault_point("attribution")
                 if progress is not None:
                     progress()
     finally:

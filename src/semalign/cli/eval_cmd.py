@@ -27,14 +27,16 @@ def _read_ids(path: Optional[Path]) -> Optional[set[str]]:
     """Ids from a JSON list, a JSON object with ``ids``/split manifests, or one id per line."""
     if path is None:
         return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise SemalignError(f"cannot read --exclude-ids {path} ({e.strerror}); pass a JSON list or one id per line")
+    from ..data.jsonl import read_text_file
+
+    text = read_text_file(path, "--exclude-ids file")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        return {ln.strip() for ln in text.splitlines() if ln.strip()}
+    except json.JSONDecodeError as exc:
+        if text.lstrip()[:1] in ("[", "{"):
+            raise SemalignError(f"{path}:{exc.lineno}: invalid JSON in --exclude-ids ({exc.msg}); fix the file or "
+                                "give one id per line") from None
+        return {ln.strip() for ln in text.split("\n") if ln.strip()}
     if isinstance(data, list):
         return {str(x) for x in data}
     if isinstance(data, dict):

@@ -177,6 +177,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted; continue with --resume", err=True)
         return 130
+    except OSError as e:  # disk full, read-only or vanished paths: one line, no traceback
+        if verbose:
+            logging.getLogger("semalign").exception("details")
+        typer.echo(f"error: {os_error_message(e)}", err=True)
+        return 2
+    except Exception as e:  # a library error that is really an OS error (safetensors' "os error 28")
+        from ..paths import os_error_from
+
+        oserr = os_error_from(e)
+        if oserr is None:
+            raise
+        typer.echo(f"error: {os_error_message(oserr)}", err=True)
+        return 2
+
+
+def os_error_message(e: OSError) -> str:
+    import errno
+
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on device{where}; free some space (or choose another --output), then continue "
+                "with --resume")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {e.strerror}; choose a writable --output or fix the permissions"
+    return f"{e.strerror or type(e).__name__}{where}; check the path and free space, then rerun (with --resume)"
 
 
 def entry() -> None:

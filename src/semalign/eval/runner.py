@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import SemalignError
+from ..faults import fault_point
 from . import code as _code  # noqa: F401  (registers humaneval, mbpp)
 from . import gsm8k as _gsm8k  # noqa: F401  (registers gsm8k)
 from . import mmlu as _mmlu  # noqa: F401  (registers mmlu)
@@ -93,6 +94,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] = ("mmlu",), *,
         for tname in names:
             task = EVAL_TASKS.get(tname)
             opts = dataclasses.replace(opts, limit=limits.get(tname))
+            fault_point("eval")
             prep = task.prepare(opts)
             settings = {**prep.settings, **opts.format_info, "seed": seed, "dtype": minfo["dtype"],
                         "source": prep.source, "data_sha256": prep.data_digest()[:16], "n": len(prep.docs),

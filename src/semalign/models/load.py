@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import SemalignError
 from ..paths import atomic_write_json
 from . import assets
-from .save import gguf_dense_kwargs, is_gguf_loaded, save_model_dir  # noqa: F401 (re-exported)
+from .save import gguf_dense_kwargs, is_gguf_loaded, safetensors_problem, save_model_dir  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -70,7 +70,7 @@ def resolve_model(spec: str | os.PathLike[str], *, fetch: bool = True) -> Resolv
     """Work out what ``spec`` names; fetch an offline asset that is not in the cache yet (when ``fetch``)."""
     s = str(spec)
     if s in assets.ASSETS:
-        d = assets.asset_dir(s)
+        d = assets.asset_dir(s, verify=True)
         if d is None:
             if not fetch:
                 raise SemalignError(f"asset {s!r} is not fetched yet; run `semalign assets fetch {s}`")
@@ -146,11 +146,58 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     return getattr(torch, name)
 
 
+def check_model_dir(path: Path) -> None:
+    """Refuse, with one line naming the fix, a local model directory that cannot load (before transformers does)."""
+    fix = "re-download, re-export or re-convert it (assets: `semalign assets fetch NAME --force`)"
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise SemalignError(f"{path}/config.json cannot be read ({type(exc).__name__}); {fix}") from None
+    if not isinstance(cfg, dict):
+        raise SemalignError(f"{path}/config.json is not a JSON object; {fix}")
+    st = sorted(path.glob("*.safetensors"))
+    if not st and not any(path.glob("pytorch_model*.bin")):
+        raise SemalignError(f"model directory {path} has config.json but no weights (*.safetensors); {fix}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            raise SemalignError(f"{index} cannot be read; {fix}") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise SemalignError(f"model directory {path} lacks weight shard(s) {', '.join(missing[:3])}; {fix}")
+    for f in st:
+        problem = safetensors_problem(f)
+        if problem:
+            raise SemalignError(f"model directory {path}: {problem}; {fix}")
+
+
+def _load_failure(rm: ResolvedModel, exc: BaseException) -> SemalignError:
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if "does not recognize this architecture" in str(exc) or isinstance(exc, KeyError):
+        return SemalignError(f"cannot load {rm.spec or rm.path}: its model type is not supported by the installed "
+                             f"transformers ({text}); see `semalign ls architectures` for supported models")
+    return SemalignError(f"cannot load {rm.spec or rm.path} ({type(exc).__name__}: {text}); check that the "
+                         "directory holds a complete Hugging Face model (config.json, weights, tokenizer files)")
+
+
 def _from_pretrained(cls: Any, rm: ResolvedModel, **kw: Any) -> Any:
     if rm.kind != "hub":
         if rm.gguf_file and "dtype" in kw:  # a model, not a tokenizer
             kw = {**gguf_dense_kwargs(), **kw}
-        return cls.from_pretrained(rm.path, **rm.load_kwargs(), **kw)
+        if rm.kind in ("local", "run", "asset") and "dtype" in kw:
+            check_model_dir(Path(rm.path))
+        try:
+            return cls.from_pretrained(rm.path, **rm.load_kwargs(), **kw)
+        except SemalignError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
+            raise _load_failure(rm, exc) from exc
+        except Exception as exc:  # safetensors' SafetensorError and other loader-specific errors
+            if type(exc).__name__ in ("SafetensorError", "HeaderTooLarge", "UnpicklingError"):
+                raise _load_failure(rm, exc) from exc
+            raise
     try:
         if _hub_offline():
             kw["local_files_only"] = True

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import SemalignError
-from ..paths import atomic_dir
+from ..faults import fault_point
+from ..paths import atomic_dir, os_error_from
 
 
 def gguf_dense_kwargs() -> dict[str, Any]:
@@ -83,5 +85,32 @@ def save_model_dir(model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], 
         _save_into(model, tokenizer, out)
         return out
     with atomic_dir(out) as tmp:
-        _save_into(model, tokenizer, tmp)
+        try:
+            _save_into(model, tokenizer, tmp)
+        except Exception as exc:  # a full disk inside safetensors arrives as SafetensorError
+            oserr = os_error_from(exc, out)
+            if oserr is None or oserr is exc:
+                raise
+            raise oserr from exc
+        fault_point("export")
     return out
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """``None`` when ``path`` is a structurally complete safetensors file, else what is wrong (cheap: header only)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return f"{path.name} is truncated or not a safetensors file (header of {n} bytes, file {size} bytes)"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"{path.name} is not a readable safetensors file ({type(exc).__name__})"
+    if 8 + n + end > size:
+        return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
+    return None

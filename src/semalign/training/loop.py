@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 
 from ..errors import NonFiniteLossError, SemalignError
+from ..faults import fault_point
 from ..paths import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer, scheduler, step: int,
                     cfg_hash: str, extra: dict | None = None) -> None:
     """Atomically write ``directory`` (replacing it) with the trainable state needed to resume."""
+    fault_point("step")
     trainables = {n: p.detach().cpu().clone() for n, p in trainable_parameters(model)}
     with atomic_dir(Path(directory)) as tmp:
         torch.save({
@@ -111,6 +113,7 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer, sched
             "rng": rng_state(),
             "extra": extra or {},
         }, tmp / "state.pt")
+        fault_point("checkpoint")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config_hash": cfg_hash}, indent=2))
 
 

@@ -203,10 +203,9 @@ def build_semantic_map(t_arch: Internals, s_arch: Internals, t_tok, s_tok, *, rc
         "t": tensor_digest(w_t), "s": tensor_digest(w_s), "rcond": rcond, "fold": fold_final_norm,
         "n": n_shared, "ids": tensor_digest(ids), "v": 2}).encode()).hexdigest()[:24]
     if cache_root is not None:
-        cached = Path(cache_root) / key
-        if (cached / "M.safetensors").is_file():
-            log.info("semantic map: cache hit %s", cached)
-            return SemanticMap.load(cached)
+        cached = load_cached_map(Path(cache_root) / key)
+        if cached is not None:
+            return cached
     m, stats = compute_map(w_t, w_s, ids, rcond)
     meta = {"key": key, "shape": list(m.shape), "rcond": rcond, "fold_final_norm": fold_final_norm,
             "shared_vocab_bound": n_shared, "excluded_mismatched_ids": n_shared - int(ids.numel()),
@@ -215,5 +214,54 @@ def build_semantic_map(t_arch: Internals, s_arch: Internals, t_tok, s_tok, *, rc
             "formula": "M = S_S S_T^T, S_X = unit-norm columns of pinv(W_X) over shared ids"}
     sm = SemanticMap(m, meta)
     if cache_root is not None:
-        sm.save(Path(cache_root) / key)
+        save_cached_map(sm, Path(cache_root) / key)
     return sm
+
+
+def load_cached_map(entry: Path) -> SemanticMap | None:
+    """A cache entry whose checksums match, else ``None`` (a bad entry is removed with a warning)."""
+    from ...paths import remove_entry, verify_manifest
+
+    if not entry.is_dir():
+        return None
+    problem = verify_manifest(entry)
+    if problem is None:
+        try:
+            sm = SemanticMap.load(entry)
+            log.info("semantic map: cache hit %s", entry)
+            return sm
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry is recomputed
+            problem = f"unreadable ({type(exc).__name__})"
+    log.warning("semantic-map cache entry %s is invalid (%s); removing it and recomputing", entry, problem)
+    remove_entry(entry)
+    return None
+
+
+def save_cached_map(sm: SemanticMap, entry: Path) -> None:
+    """Write a checksummed entry; concurrent writers of one key both succeed and one copy stays."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ...paths import publish_dir, write_manifest
+
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+        save_file({"M": sm.M.contiguous()}, str(tmp / "M.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(sm.meta, indent=2))
+        write_manifest(tmp)
+        publish_dir(tmp, entry)
+    except Exception as exc:  # a full or read-only cache must not fail the run
+        from ...paths import os_error_from
+
+        exc = os_error_from(exc) or exc
+        if not isinstance(exc, OSError):
+            raise
+        log.warning("could not cache the semantic map in %s (%s); continuing without the cache", entry,
+                    exc.strerror or exc)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
