@@ -48,7 +48,9 @@ def env_(tmp_path_factory, tiny_dirs):
         t, s = tiny_dirs
         return ["transfer", "--teacher", t, "--student", s, "--task", "mmlu", "--data-dir", data, "--output", out,
                 "--steps", str(STEPS), "--batch-size", "4", "--micro-batch", "2", "--nll-examples", "3",
-                "--lr", "1e-3", "--eval-tasks", "mmlu", "--eval-limit", "4", "-q", *extra]
+                "--lr", "1e-3", "--eval-tasks", "mmlu", "--eval-limit", "4", "-q",
+                # one attribution pass per example (PHASES) and no stage cache, so every phase really runs
+                "--semalign-attribution-batch", "1", "--no-cache", *extra]
 
     ref = root / "reference"
     rc, log = run_cli(args(ref), env, root / "reference.log")
