@@ -1,7 +1,12 @@
-"""The transfer driver: validate -> load -> splits -> before -> method.prepare/fit/export -> after -> report.
+"""The transfer driver: ``run_transfer(cfg)`` runs these named stages, each timed once (``Stages``) and the
+expensive ones read through the stage cache (docs/cache.md):
 
-``run_transfer(cfg)`` is what ``semalign transfer`` calls; every method runs through it, so run directories,
-evaluation and reports are uniform. Bad input is rejected before anything is written.
+load_models -> nll_before [nll] -> eval_before [eval; the untouched student's block inputs recorded] ->
+prepare [attribution, semantic map] -> fit [frozen prefix, teacher_targets] -> export (+ stock reload check) ->
+nll_after -> eval_after (incremental from the lowest changed block) -> results, report.
+
+It is what ``semalign transfer`` calls; every method runs through it, so run directories, evaluation and reports
+are uniform. Bad input is rejected before anything is written.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 
 from .artifacts import RunDir, check_output_dir, env_info, peak_rss_mb
+from .cache import stage_cache
 from .config import RunConfig, dump_config
 from .data.prompts import batches
 from .data.tasks import build_splits, get_task
@@ -26,6 +32,7 @@ from .methods.base import TransferContext, get_method
 from .models.arch import internals
 from .models.export import merged, roundtrip_check
 from .models.precision import resolve_compute_dtype
+from .stages import Stages
 from .training.loop import gold_nll
 
 log = logging.getLogger(__name__)
@@ -154,18 +161,17 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         task = dataclasses.replace(task, train_on_inputs=cfg.train_on_inputs)
     splits = build_splits(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed)
     preloaded = preloaded or {}
-    timings: dict[str, float] = {}
+    stages = Stages(stage_cache(cfg.cache))  # each stage below is timed once, here, into summary.timings_seconds
 
-    t0 = time.perf_counter()
-    if "teacher" in preloaded:
-        teacher, t_tok = preloaded["teacher"], preloaded["teacher_tokenizer"]
-    else:
-        teacher, t_tok, _ = load_model(cfg.teacher, dtype=compute, device=cfg.device)
-    # The student is held in fp32 (master weights; training computes under --dtype autocast) and evaluated in fp32
-    # before and after: an update of ~1e-6 on weights of ~0.02 does not survive bf16 rounding, and evaluating
-    # "before" in bf16 but "after" in fp32 would measure the precision switch, not the transfer.
-    student, s_tok, s_res = load_model(cfg.student, dtype="fp32", device=cfg.device)
-    timings["load_models"] = time.perf_counter() - t0
+    with stages("load_models"):
+        if "teacher" in preloaded:
+            teacher, t_tok = preloaded["teacher"], preloaded["teacher_tokenizer"]
+        else:
+            teacher, t_tok, _ = load_model(cfg.teacher, dtype=compute, device=cfg.device)
+        # The student is held in fp32 (master weights; training computes under --dtype autocast) and evaluated in
+        # fp32 before and after: an update of ~1e-6 on weights of ~0.02 does not survive bf16 rounding, and
+        # evaluating "before" in bf16 but "after" in fp32 would measure the precision switch, not the transfer.
+        student, s_tok, s_res = load_model(cfg.student, dtype="fp32", device=cfg.device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     t_arch, s_arch = internals(teacher), internals(student)
@@ -187,43 +193,38 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     run.write_json("summary.json", summary)
     try:
         nll_ex = splits.eval[: cfg.nll_examples]
-        t0 = time.perf_counter()
         t_hash = model_key(cfg.teacher, path=preloaded.get("teacher_path")) if cfg.cache else None
         s_hash = model_key(s_res) if cfg.cache else None
-        nll = {"teacher": cached_nll(cfg, t_hash, teacher, t_tok, nll_ex, task, device, student=False),
-               "student_before": cached_nll(cfg, s_hash, student, s_tok, nll_ex, task, device, student=True)}
-        timings["nll_before"] = time.perf_counter() - t0
+        with stages("nll_before"):  # stage cache `nll`
+            nll = {"teacher": cached_nll(cfg, t_hash, teacher, t_tok, nll_ex, task, device, student=False),
+                   "student_before": cached_nll(cfg, s_hash, student, s_tok, nll_ex, task, device, student=True)}
         used = splits.used_ids()
-        t0 = time.perf_counter()
         summary["precision"] = {"compute": compute, "teacher": model_dtype(teacher),
                                 "student_before": model_dtype(student)}
-        evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=t_hash,
-                                      output_dir=run.path("eval", "teacher"))}
         # incremental evaluation: the after-evaluation reuses these states below the lowest changed block (the
         # states must be recorded, so the untouched student's cached evaluation is not used then)
         bank = StateBank(student) if cfg.fast_path and "mmlu" in cfg.eval_task_list() else None
-        with recording(student, bank) if bank else contextlib.nullcontext():
-            evals["student_before"] = _evaluate(cfg, student, s_tok, "student (before)", used,
-                                                cache_key=None if bank else s_hash,
-                                                output_dir=run.path("eval", "student_before"))
-        timings["eval_before"] = time.perf_counter() - t0
+        with stages("eval_before"):  # stage cache `eval` (teacher; the student too when nothing is recorded)
+            evals = {"teacher": _evaluate(cfg, teacher, t_tok, "teacher", used, cache_key=t_hash,
+                                          output_dir=run.path("eval", "teacher"))}
+            with recording(student, bank) if bank else contextlib.nullcontext():
+                evals["student_before"] = _evaluate(cfg, student, s_tok, "student (before)", used,
+                                                    cache_key=None if bank else s_hash,
+                                                    output_dir=run.path("eval", "student_before"))
 
         ctx = TransferContext(cfg, teacher, student, s_tok, t_arch, s_arch, splits, task, run, device,
                               resume=resume, teacher_tokenizer=t_tok)
         if t_hash is not None:
             ctx.state["teacher_hash"] = t_hash
-        t0 = time.perf_counter()
-        method.prepare(ctx)
-        timings["prepare"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        method.fit(ctx)
-        timings["fit"] = time.perf_counter() - t0
-        ctx.student = merged(ctx.student)
-        t0 = time.perf_counter()
-        path = method.export(ctx)
-        probe = batches(s_tok, (splits.eval or splits.extract)[:2], 2, max_length=min(cfg.max_length, 256))[0]
-        summary["roundtrip"] = roundtrip_check(ctx.student, path, probe)
-        timings["export"] = time.perf_counter() - t0
+        with stages("prepare"):  # attribution (stage cache `attribution`), layer map, semantic map
+            method.prepare(ctx)
+        with stages("fit"):  # frozen prefix + teacher-free targets (stage cache `teacher_targets`)
+            method.fit(ctx)
+        with stages("export"):
+            ctx.student = merged(ctx.student)
+            path = method.export(ctx)
+            probe = batches(s_tok, (splits.eval or splits.extract)[:2], 2, max_length=min(cfg.max_length, 256))[0]
+            summary["roundtrip"] = roundtrip_check(ctx.student, path, probe)
         if not summary["roundtrip"]["equal"]:
             raise SemalignError(f"exported student at {path} does not reproduce the in-memory logits "
                                 f"(max diff {summary['roundtrip']['max_abs_logit_diff']:.3g}); please report this bug")
@@ -231,21 +232,18 @@ def run_transfer(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         if summary["precision"]["student_after"] != summary["precision"]["student_before"]:
             raise SemalignError(f"the student was evaluated in {summary['precision']['student_before']} before and "
                                 f"would be in {summary['precision']['student_after']} after; please report this bug")
-        t0 = time.perf_counter()
-        nll["student_after"] = measure_nll(cfg, ctx.student, s_tok, nll_ex, task, device, student=True)
-        timings["nll_after"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with reusing(ctx.student, bank) if bank else contextlib.nullcontext():
+        with stages("nll_after"):
+            nll["student_after"] = measure_nll(cfg, ctx.student, s_tok, nll_ex, task, device, student=True)
+        with stages("eval_after"), reusing(ctx.student, bank) if bank else contextlib.nullcontext():
             evals["student_after"] = _evaluate(cfg, ctx.student, s_tok, "student (after)", used,
                                                output_dir=run.path("eval", "student_after"))
         if bank:
             summary["incremental_eval"] = bank.stats
             del bank
-        timings["eval_after"] = time.perf_counter() - t0
         summary.update(ctx.summary)
         summary.update({"status": "completed", "nll": nll, "nll_examples": len(nll_ex), "export": str(path),
-                        "student_content_hash": model_content_hash(path), "timings_seconds":
-                        {k: round(v, 2) for k, v in timings.items()},
+                        "student_content_hash": model_content_hash(path),
+                        "timings_seconds": stages.timings_rounded(),
                         "wall_seconds": round(time.perf_counter() - t_start, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                         "student_source": s_res.display_name})
         from .eval.paired import transfer_paired
