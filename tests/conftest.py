@@ -63,6 +63,18 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def eval_data_dir(data_dir, tmp_path_factory) -> Path:
+    """The protocol splits plus a local MMLU test file for the harness (no packaged data, no network)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("evaldata")
+    shutil.copytree(data_dir, root, dirs_exist_ok=True)
+    (root / "mmlu").mkdir(exist_ok=True)
+    shutil.copy(Path(__file__).resolve().parent / "fixtures" / "eval" / "mmlu" / "test.jsonl", root / "mmlu" / "test.jsonl")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     from semalign.testing import tiny_tokenizer

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import SemalignError
-from .paths import cache_dir
+from .paths import cache_dir, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +238,7 @@ class StageCache:
 
     def _remove(self, d: Path) -> None:
         """Move aside, then delete, so a concurrent reader never sees a half-deleted entry as valid."""
-        trash = d.parent / f".del-{d.name[:16]}-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            os.rename(d, trash)
-        except OSError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_entry(d)
 
     # ------------------------------------------------------------------ compute once
     def get_or_compute(self, stage: str, version: str, inputs: dict,

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
 from semalign.cli.main import main
 from semalign.compare import _gap, markdown, parse_overrides
 from semalign.errors import SemalignError
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
-
-
-@pytest.fixture(scope="module")
-def eval_data_dir(data_dir, tmp_path_factory) -> Path:
-    """The protocol splits plus a local MMLU test file for the harness (no packaged data, no network)."""
-    root = tmp_path_factory.mktemp("cmpdata")
-    shutil.copytree(data_dir, root, dirs_exist_ok=True)
-    (root / "mmlu").mkdir(exist_ok=True)
-    shutil.copy(FIXTURES / "mmlu" / "test.jsonl", root / "mmlu" / "test.jsonl")
-    return root
 
 
 @pytest.fixture(autouse=True)

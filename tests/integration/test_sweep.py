@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,6 @@ from semalign.cli.main import main
 from semalign.sweep import load_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
-
-
-@pytest.fixture(scope="module")
-def eval_data_dir(data_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sweepdata")
-    shutil.copytree(data_dir, root, dirs_exist_ok=True)
-    (root / "mmlu").mkdir(exist_ok=True)
-    shutil.copy(FIXTURES / "mmlu" / "test.jsonl", root / "mmlu" / "test.jsonl")
-    return root
 
 
 @pytest.fixture(autouse=True)
